@@ -1,0 +1,69 @@
+"""The distiller interface every method implements (same API as upstream mdistiller)."""
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Distiller(nn.Module):
+    """A student trained against a frozen teacher; `forward_train` returns `(logits, {name: loss})`."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        for param in self.teacher.parameters():
+            param.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        """Set the student (and any connector) to `mode`; the teacher always stays in eval mode."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        for module in self.children():
+            module.train(mode)
+        self.teacher.eval()
+        return self
+
+    def get_learnable_parameters(self):
+        return [param for param in self.student.parameters()]
+
+    def get_extra_parameters(self) -> int:
+        """Number of parameters the method adds on top of the student (connectors, memories)."""
+        return 0
+
+    def forward_train(self, **kwargs):
+        raise NotImplementedError()
+
+    def forward_test(self, image):
+        return self.student(image)[0]
+
+    def forward(self, **kwargs):
+        if self.training:
+            return self.forward_train(**kwargs)
+        return self.forward_test(kwargs["image"])
+
+
+class Vanilla(nn.Module):
+    """Plain supervised training of the student alone (registry key "NONE")."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def get_learnable_parameters(self):
+        return [param for param in self.student.parameters()]
+
+    def get_extra_parameters(self) -> int:
+        return 0
+
+    def forward_train(self, image, target, **kwargs):
+        logits_student, _ = self.student(image)
+        loss = F.cross_entropy(logits_student, target)
+        return logits_student, {"ce": loss}
+
+    def forward_test(self, image):
+        return self.student(image)[0]
+
+    def forward(self, **kwargs):
+        if self.training:
+            return self.forward_train(**kwargs)
+        return self.forward_test(kwargs["image"])
