@@ -1,0 +1,65 @@
+"""`get_dataset(cfg) -> (train_loader, val_loader, num_data, num_classes)` as upstream mdistiller, for
+DATASET.TYPE cifar100, imagenet, tiny_imagenet and digits (the embedded default that needs no download).
+
+Batches: train (image, target, index), or (image, target, index, sample_idx) for CRD; val (image, target).
+"""
+from types import ModuleType
+from typing import Tuple
+
+from torch.utils.data import DataLoader, Subset
+
+from . import cifar100, digits, imagenet, tiny_imagenet
+from ._common import DatasetError, Instance, InstanceSample, make_loader, split_train
+
+__all__ = ["DatasetError", "get_dataset", "get_val_loader", "DATASETS"]
+
+# DATASET.TYPE -> (module with NUM_CLASSES, train_transform, test_transform; its split dataset class)
+DATASETS = {
+    "cifar100": (cifar100, cifar100.CIFAR100),
+    "imagenet": (imagenet, imagenet.ImageNet),
+    "tiny_imagenet": (tiny_imagenet, tiny_imagenet.TinyImageNet),
+    "digits": (digits, digits.Digits),
+}
+CRD_TYPES = ("CRD",)
+
+
+def _lookup(dataset_type: str) -> Tuple[ModuleType, type]:
+    if dataset_type not in DATASETS:
+        raise DatasetError(f"DATASET.TYPE={dataset_type!r} is unknown; expected one of {sorted(DATASETS)}")
+    return DATASETS[dataset_type]
+
+
+def get_dataset(cfg) -> Tuple[DataLoader, DataLoader, int, int]:
+    """Train loader (shuffled; DATASET.TRAIN_SUBSET images if > 0), val loader (the test split, or the
+    DATASET.VALIDATION_FROM_TRAIN held-out train images with test transforms if > 0), num_data (train images used,
+    CRD's memory size) and num_classes."""
+    data = cfg.DATASET
+    module, split_class = _lookup(data.TYPE)
+    if data.DOWNLOAD and data.TYPE == "cifar100":
+        cifar100.ensure_downloaded(data.ROOT)
+    train_base = split_class(data.ROOT, True, module.train_transform())
+    train_indices, held_out = split_train(len(train_base), data.TRAIN_SUBSET, data.VALIDATION_FROM_TRAIN)
+    if cfg.DISTILLER.TYPE in CRD_TYPES:
+        replace = getattr(module, "CRD_REPLACE", False)
+        train_set = InstanceSample(train_base, cfg.CRD.NCE.K, cfg.CRD.MODE, train_indices, replace)
+    else:
+        train_set = Instance(train_base, train_indices)
+    if cfg.SOLVER.BATCH_SIZE > len(train_set):
+        raise DatasetError(
+            f"SOLVER.BATCH_SIZE={cfg.SOLVER.BATCH_SIZE} is larger than the {len(train_set)} training images of "
+            f"DATASET.TYPE={data.TYPE!r} (after TRAIN_SUBSET/VALIDATION_FROM_TRAIN); use a smaller batch"
+        )
+    if held_out is None:
+        val_set = split_class(data.ROOT, False, module.test_transform())
+    else:
+        val_set = Subset(split_class(data.ROOT, True, module.test_transform()), held_out.tolist())
+    train_loader = make_loader(train_set, cfg.SOLVER.BATCH_SIZE, shuffle=True, num_workers=data.NUM_WORKERS)
+    val_loader = make_loader(val_set, data.TEST.BATCH_SIZE, shuffle=False, num_workers=data.NUM_WORKERS)
+    return train_loader, val_loader, len(train_set), module.NUM_CLASSES
+
+
+def get_val_loader(dataset_type: str, root: str = "data", batch_size: int = 64, num_workers: int = 0):
+    """(loader over the test/val split with test transforms, num_classes): what tools/eval.py evaluates on."""
+    module, split_class = _lookup(dataset_type)
+    val_set = split_class(root, False, module.test_transform())
+    return make_loader(val_set, batch_size, shuffle=False, num_workers=num_workers), module.NUM_CLASSES

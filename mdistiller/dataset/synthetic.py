@@ -1,0 +1,115 @@
+"""Writers of small generated data sets in the real on-disk layouts, for tests and benchmarks (no download).
+
+Images are random uint8 but learnable: every image is its class's fixed random pattern (derived from the class name,
+so identical across splits and calls) plus uniform noise.
+"""
+import pickle
+import struct
+import zlib
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+PathLike = Union[str, Path]
+
+_RECONSTRUCT = np.ndarray((0,), np.uint8).__reduce__()[0]  # numpy's array reconstructor, whatever its module
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle (protocol 2) wrote for the official files: `str`/`bytes` as py2 strings
+    (BINSTRING) and numpy's reconstructor as `numpy.core.multiarray._reconstruct`."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj: Union[str, bytes]) -> None:
+        raw = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_str
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None) -> None:
+        if obj is _RECONSTRUCT:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+
+def _pattern(name: str, shape: tuple) -> np.ndarray:
+    """The fixed random pattern of a class, from its name: the same in every split and every call."""
+    return np.random.default_rng(zlib.crc32(name.encode())).integers(0, 256, size=shape)
+
+
+def _noisy(pattern: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (0.6 * pattern + 0.4 * rng.integers(0, 256, size=pattern.shape)).astype(np.uint8)
+
+
+def write_cifar100(root: PathLike, num_train: int = 200, num_test: int = 100, seed: int = 0) -> Path:
+    """Writes `root/cifar-100-python/{train,test,meta}` in the official layout (Python-2 pickles of dicts with
+    `data` uint8 [N, 3072] as R, G, B planes of 32x32 row-major, `fine_labels`, `coarse_labels`, `filenames`,
+    `batch_label`; `meta` with `fine_label_names` and `coarse_label_names`). Labels cycle over the 100 classes in
+    a shuffled order, so every class appears once `num >= 100`. Returns `root` (the value for DATASET.ROOT)."""
+    if num_train < 1 or num_test < 1:
+        raise ValueError(f"write_cifar100: num_train={num_train} and num_test={num_test} must both be >= 1")
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    patterns = np.stack([_pattern(f"cifar100/{c}", (3, 32, 32)) for c in range(100)])
+    splits = (("train", num_train, "training batch 1 of 1"), ("test", num_test, "testing batch 1 of 1"))
+    for split, n, batch_label in splits:
+        fine = rng.permutation(np.arange(n) % 100)
+        data = _noisy(patterns[fine], rng).reshape(n, 3072)
+        entry = {
+            "filenames": [f"synthetic_{split}_{i:06d}.png" for i in range(n)],
+            "batch_label": batch_label,
+            "fine_labels": [int(v) for v in fine],
+            "coarse_labels": [int(v) // 5 for v in fine],
+            "data": data,
+        }
+        _dump_py2(entry, folder / split)
+    meta = {
+        "fine_label_names": [f"fine_{i:03d}" for i in range(100)],
+        "coarse_label_names": [f"coarse_{i:02d}" for i in range(20)],
+    }
+    _dump_py2(meta, folder / "meta")
+    return Path(root)
+
+
+def _dump_py2(obj: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        _Py2Pickler(f, protocol=2).dump(obj)
+
+
+def write_image_folder(
+    root: PathLike,
+    classes: Sequence[str],
+    per_class: int,
+    size: Union[int, tuple] = 32,
+    ext: str = "png",
+    seed: int = 0,
+) -> Path:
+    """Writes `root/<class>/<class>_<i>.<ext>` (torchvision ImageFolder layout), `per_class` RGB images of `size`
+    (int or (height, width)) per class; `ext` is png, jpg, jpeg or JPEG. Returns `root`."""
+    if ext.lower() not in ("png", "jpg", "jpeg"):
+        raise ValueError(f"write_image_folder: ext={ext!r}, expected png, jpg, jpeg or JPEG")
+    if not classes or per_class < 1:
+        raise ValueError(
+            f"write_image_folder: need at least one class and per_class >= 1 (got {len(classes)}, {per_class})"
+        )
+    height, width = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        pattern = _pattern(name, (height, width, 3))
+        folder = Path(root) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(_noisy(pattern, rng)).save(folder / f"{name}_{i:04d}.{ext}")
+    return Path(root)
