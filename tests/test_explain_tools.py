@@ -1,0 +1,173 @@
+"""tools/explain_eval.py and tools/visualize.py end to end on generated shapes data with tiny random models."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mdistiller.dataset.shapes import write_shapes_gtsegs
+from mdistiller.explain.metrics import perturbation_auc
+from mdistiller.models import cifar_model_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ev():
+    return _load_tool("explain_eval")
+
+
+@pytest.fixture(scope="module")
+def viz():
+    return _load_tool("visualize")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Two random 4-class resnet8 students: one as a student file, one inside a full distiller checkpoint."""
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    a, b = cifar_model_dict["resnet8"][0](num_classes=4), cifar_model_dict["resnet8"][0](num_classes=4)
+    torch.save({"model": a.state_dict()}, root / "student_a")
+    full = {f"module.student.{k}": v for k, v in b.state_dict().items()}
+    full.update({f"module.teacher.{k}": v for k, v in a.state_dict().items()})
+    optimizer = {"state": {}, "param_groups": []}
+    torch.save({"epoch": 3, "model": full, "optimizer": optimizer, "best_acc": 1.0}, root / "full_b")
+    torch.save(a.state_dict(), root / "bare_a")
+    return {"a": str(root / "student_a"), "b": str(root / "full_b"), "bare": str(root / "bare_a"), "models": (a, b)}
+
+
+def _nonempty(path):
+    assert os.path.isfile(path) and os.path.getsize(path) > 0, path
+    if path.endswith(".png"):
+        with open(path, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_formats_load_the_student(ev, ckpts):
+    a, b = ckpts["models"]
+    x = torch.rand(2, 3, 32, 32)
+    for path, ref in ((ckpts["a"], a), (ckpts["bare"], a), (ckpts["b"], b)):
+        model = ev.build_model("resnet8", "shapes", 4, path)
+        assert torch.equal(model(x)[0], ref.eval()(x)[0]), path
+    assert ev.strip_state_dict({"module.fc.weight": torch.ones(1)}) == {"fc.weight": torch.ones(1)}
+    with pytest.raises(ValueError, match="not in the"):
+        ev.build_model("resnet9000", "shapes", 4, "none")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ev.build_model("resnet8", "shapes", 4, "/nonexistent/ckpt")
+
+
+def test_perturbation_tool(ev, ckpts, tmp_path):
+    out = str(tmp_path / "out")
+    argv = ["perturbation", "-m", "resnet8", "-c", ckpts["a"], "-m", "resnet8", "-c", ckpts["b"], "--labels", "A", "B",
+            "-d", "shapes", "--num-images", "8", "-bs", "4", "--method", "cam", "--out", out,
+            "--cache-dir", str(tmp_path / "cache")]
+    res = ev.main(argv)
+    for suffix in (".json", ".png"):
+        _nonempty(os.path.join(out, "perturbation_shapes_cam_positive" + suffix))
+    with open(os.path.join(out, "perturbation_shapes_cam_positive.json")) as f:
+        saved = json.load(f)
+    assert [r["label"] for r in saved["results"]] == ["A", "B"]
+    for r in saved["results"]:
+        assert len(r["accuracies"]) == 10 and r["num_images"] == 8
+        assert r["auc"] == pytest.approx(perturbation_auc(r["accuracies"]))
+    assert len(os.listdir(tmp_path / "cache")) == 2
+    assert ev.main(argv)["results"][0]["accuracies"] == res["results"][0]["accuracies"]  # from the cache
+    neg = ev.main(argv[:-2] + ["--negative"])
+    assert neg["test"] == "negative"
+    _nonempty(os.path.join(out, "perturbation_shapes_cam_negative.png"))
+    with pytest.raises(ValueError, match="one -c per -m"):
+        ev.main(["perturbation", "-m", "resnet8", "-m", "resnet8", "-c", "none", "-d", "shapes"])
+
+
+def test_segmentation_tool(ev, ckpts, tmp_path):
+    data = str(tmp_path / "gtsegs_shapes.mat")
+    write_shapes_gtsegs(data, 6, size=32)
+    out = str(tmp_path / "seg")
+    res = ev.main(["segmentation", "--data", data, "-m", "resnet8", "-c", ckpts["a"], "-d", "shapes", "--method", "cam",
+                   "-bs", "4", "--num-examples", "3", "--out", out])
+    scores = res["results"][0]
+    assert scores["num_images"] == 6
+    for k in ("pixel_accuracy", "miou", "map", "f1"):
+        assert 0.0 <= scores[k] <= 1.0
+    for suffix in (".json", ".png"):
+        _nonempty(os.path.join(out, "segmentation_gtsegs_shapes_cam" + suffix))
+    with pytest.raises(FileNotFoundError, match="--data"):
+        ev.main(["segmentation", "--data", str(tmp_path / "missing.mat"), "-m", "resnet8", "-c", "none",
+                 "-d", "shapes"])
+
+
+def test_agreement_tool(ev, ckpts, tmp_path):
+    out = str(tmp_path / "agree")
+    res = ev.main(["agreement", "-t", "resnet8", "-tc", ckpts["a"], "-m", "resnet8", "-c", ckpts["bare"],
+                   "-m", "resnet8", "-c", ckpts["b"], "--labels", "same", "other", "-d", "shapes",
+                   "--num-images", "8", "--method", "cam", "gradcam", "--out", out])
+    by = {(r["label"], r["method"]): r for r in res["results"]}
+    for method in ("cam", "gradcam"):
+        assert by[("same", method)]["cosine"] == pytest.approx(1.0, abs=1e-5)  # positive control: identical weights
+        assert by[("same", method)]["iou"] == pytest.approx(1.0)
+    assert by[("other", "cam")]["cosine"] < 0.99 and by[("other", "cam")]["iou"] < 1.0
+    for suffix in (".json", ".png"):
+        _nonempty(os.path.join(out, "agreement_shapes_resnet8" + suffix))
+
+
+def test_visualize_figures(viz, ckpts, tmp_path):
+    common = ["-d", "shapes", "--num-images", "24"]
+    viz.main(["heatmaps", "-m", "resnet8", "-c", ckpts["a"], "-m", "resnet8", "-c", ckpts["b"], "--method", "cam",
+              "--num-images", "3", "-d", "shapes", "--out", str(tmp_path / "heat.png")])
+    viz.main(["tsne", "-m", "resnet8", "-c", ckpts["a"], *common, "--perplexity", "5",
+              "--out", str(tmp_path / "tsne.png")])
+    same = viz.main(["corr", "-t", "resnet8", "-tc", ckpts["a"], "-m", "resnet8", "-c", ckpts["bare"],
+                     "-m", "resnet8", "-c", ckpts["b"], "--labels", "same", "other", *common,
+                     "--out", str(tmp_path / "corr.png")])
+    assert same["same"]["max"] == 0.0 and same["other"]["max"] > 0.0
+    for name in ("heat.png", "tsne.png", "corr.png", "corr.json"):
+        _nonempty(str(tmp_path / name))
+
+
+def test_class_correlation_difference(viz):
+    labels = np.array([0, 0, 1, 2])
+    logits = np.array([[2.0, 0, 0], [4.0, 2, 0], [0, 1, 0], [0, 0, 3]])
+    assert np.allclose(viz.class_mean_logits(logits, labels, 3), [[3, 1, 0], [0, 1, 0], [0, 0, 3]])
+    diff = viz.correlation_difference(logits, logits + np.eye(3)[[1, 1, 1, 1]], labels, 3)
+    assert np.allclose(diff, [[0, 1, 0], [0, 0, 0], [0, 1, 0]])  # the diagonal (own class) is zeroed
+    with pytest.raises(ValueError, match="no image"):
+        viz.class_mean_logits(logits, labels, 4)
+
+
+def test_training_curves_from_worklogs(viz, tmp_path):
+    paths = []
+    for run, slope in (("kd", 8.0), ("expkd", 9.0)):
+        (tmp_path / run).mkdir()
+        lines = []
+        for epoch in range(1, 5):
+            lines += ["-" * 25, f"epoch: {epoch}", "lr: 0.05", f"train_acc: {slope * epoch:.2f}",
+                      f"train_loss: {4 / epoch:.2f}", f"test_acc: {slope * epoch - 1:.2f}", "-" * 25]
+        (tmp_path / run / "worklog.txt").write_text("\n".join(lines) + f"\nbest_acc\t{4 * slope - 1:.2f}")
+        paths.append(str(tmp_path / run / "worklog.txt"))
+    log = viz.parse_worklog(paths[1])
+    assert log["epoch"] == [1, 2, 3, 4] and log["test_acc"] == [8.0, 17.0, 26.0, 35.0] and log["best_acc"] == 35.0
+    res = viz.main(["curves", *paths, "--labels", "KD", "Exp-KD", "--out", str(tmp_path / "curves.png")])
+    assert res["best_acc"] == {"KD": 31.0, "Exp-KD": 35.0} and "lr" not in res["metrics"]
+    _nonempty(str(tmp_path / "curves.png"))
+    (tmp_path / "bad.txt").write_text("hello\n")
+    with pytest.raises(ValueError, match="bad.txt:1"):
+        viz.parse_worklog(str(tmp_path / "bad.txt"))
+
+
+
+def test_layer_defaults_per_method(ev):
+    # at "gap" LRP and gradient x input would rank pixels exactly like CAM, so they default to the input pixels
+    assert [ev.resolve_layer(m, None) for m in ("cam", "gradcam", "lrp", "gradient_input")] == [
+        "gap", "gap", "input", "input"]
+    assert ev.resolve_layer("lrp", 2) == 2 and ev.build_parser().parse_args(
+        ["perturbation", "-m", "resnet8", "--layer", "1"]).layer == 1
