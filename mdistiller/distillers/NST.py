@@ -1,0 +1,44 @@
+"""Neuron selectivity transfer (Huang & Wang, 2017): squared MMD, polynomial kernel, between channel activations."""
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._base import Distiller
+from ._common import match_spatial
+
+
+def poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """k(a_i, b_j) = <a_i, b_j>² for (B, N, D) × (B, M, D) → (B, M, N)."""
+    return torch.bmm(b, a.transpose(1, 2)).pow(2)
+
+
+def single_stage_nst_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    f_s, f_t = match_spatial(f_s, f_t)
+    f_s = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
+    f_t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
+    return (
+        poly_kernel(f_t, f_t).mean().detach() + poly_kernel(f_s, f_s).mean() - 2 * poly_kernel(f_s, f_t).mean()
+    )
+
+
+def nst_loss(g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor]) -> torch.Tensor:
+    return sum(single_stage_nst_loss(f_s, f_t) for f_s, f_t in zip(g_s, g_t))
+
+
+class NST(Distiller):
+    def __init__(self, student, teacher, cfg):
+        super().__init__(student, teacher)
+        self.ce_loss_weight = cfg.NST.LOSS.CE_WEIGHT
+        self.feat_loss_weight = cfg.NST.LOSS.FEAT_WEIGHT
+
+    def forward_train(self, image, target, **kwargs):
+        logits_student, feature_student = self.student(image)
+        with torch.no_grad():
+            _, feature_teacher = self.teacher(image)
+        losses_dict = {
+            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_kd": self.feat_loss_weight
+            * nst_loss(feature_student["feats"][1:], feature_teacher["feats"][1:]),
+        }
+        return logits_student, losses_dict
