@@ -1,6 +1,19 @@
 """Every configuration default of the framework, in one yacs node (upstream mdistiller keys first)."""
 from yacs.config import CfgNode as CN
 
+
+def show_cfg(cfg: CN) -> None:
+    """Print the general nodes and the node of the chosen distiller (upstream's start-of-run dump)."""
+    from .utils import log_msg
+
+    dump_cfg = CN()
+    for key in ("EXPERIMENT", "DATASET", "DISTILLER", "SOLVER", "LOG"):
+        dump_cfg[key] = cfg[key]
+    if cfg.DISTILLER.TYPE in cfg:
+        dump_cfg[cfg.DISTILLER.TYPE] = cfg[cfg.DISTILLER.TYPE]
+    print(log_msg("CONFIG:\n{}".format(dump_cfg.dump()), "INFO"))
+
+
 CFG = CN()
 
 # Experiment
@@ -92,6 +105,7 @@ CFG.OFD.LOSS.CE_WEIGHT = 1.0
 CFG.OFD.LOSS.FEAT_WEIGHT = 0.001
 CFG.OFD.CONNECTOR = CN()
 CFG.OFD.CONNECTOR.KERNEL_SIZE = 1
+CFG.OFD.TEACHER_TRAIN_MODE = False  # True: upstream's behaviour (teacher BatchNorm in train mode during distillation)
 
 CFG.NST = CN()
 CFG.NST.LOSS = CN()
@@ -147,3 +161,32 @@ CFG.DKD.ALPHA = 1.0
 CFG.DKD.BETA = 8.0
 CFG.DKD.T = 4.0
 CFG.DKD.WARMUP = 20
+
+# Exp-KD (issue 5): CE + KD + explanation-map transfer on the teacher's top-K classes
+CFG.EXPKD = CN()
+CFG.EXPKD.CE_WEIGHT = 0.1
+CFG.EXPKD.KD_WEIGHT = 0.9
+CFG.EXPKD.KD_T = 4.0
+CFG.EXPKD.EXP_WEIGHT = 10.0
+CFG.EXPKD.WARMUP = 20  # epochs of linear ramp of the explanation term
+CFG.EXPKD.TOPK = 5  # teacher's top-K classes; 0 = all classes
+CFG.EXPKD.EXPLAINER = "cam"  # "cam", "gradcam", "lrp" (mdistiller.explain)
+CFG.EXPKD.LAYER = "gap"  # "gap" or a stage index / module name (gradcam, lrp)
+CFG.EXPKD.RULE = "epsilon_plus_flat"  # LRP rule or composite
+CFG.EXPKD.RESOLUTION = 0  # pool both maps to RxR; 0 = the student's map size
+CFG.EXPKD.NORM = "l2"  # per (sample, class) over space: "softmax" (temperature T), "l2", "none"
+CFG.EXPKD.T = 1.0
+CFG.EXPKD.DISTANCE = "mse"  # "mse", "kl" (needs NORM softmax), "cos"
+
+# The Exp-KD fork's node, read by the "CAM" alias (ALPHA, BETA, METHOD, UPSAMPLE are unused, as in the fork)
+CFG.CAM = CN()
+CFG.CAM.LOSS = CN()
+CFG.CAM.LOSS.CE_WEIGHT = 1.0
+CFG.CAM.LOSS.FEAT_WEIGHT = 5.0
+CFG.CAM.ALPHA = 1.0
+CFG.CAM.BETA = 8.0
+CFG.CAM.T = 1.0
+CFG.CAM.K = 50
+CFG.CAM.WARMUP = 1
+CFG.CAM.METHOD = 0
+CFG.CAM.UPSAMPLE = 1

@@ -1,0 +1,36 @@
+"""Shared error handling of the command-line tools: one line on stderr instead of a traceback (unless --debug)."""
+import sys
+from typing import Callable
+
+from ..dataset import DatasetError
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .trainer import NonFiniteLossError
+
+# Errors caused by the user's input or environment: their message is the whole story.
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, NonFiniteLossError, OSError)
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, USER_ERRORS) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def run_cli(prog: str, body: Callable[[], None], debug: bool) -> int:
+    """Run `body`; exit status 0, 2 (bad config or arguments), 1 (other errors) or 130 (interrupted)."""
+    try:
+        body()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        hint = "" if isinstance(error, USER_ERRORS) else " (rerun with --debug for the traceback)"
+        print(f"{prog}: error: {one_line(error)}{hint}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    return 0

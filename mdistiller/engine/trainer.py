@@ -1,0 +1,278 @@
+"""The training loop (upstream mdistiller's `BaseTrainer`, single process on the distiller's device).
+
+Subclasses (CRD, DOT) override `unpack_batch` (what a training batch holds and which extra tensors the distiller's
+`forward_train` receives) and/or `train_iter` (one optimisation step, which must call `train_meters.update`).
+"""
+import os
+import time
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from tensorboardX import SummaryWriter
+
+from .checkpoint import CheckpointError, add_prefix, load_checkpoint, load_weights, save_checkpoint, strip_prefix
+from .config import ConfigError, dump_cfg
+from .rng import capture_rng_state, restore_rng_state
+from .utils import REFRESH_SECONDS, adjust_learning_rate, correct_counts, log_msg, progress_bar, validate
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the run stops and the last good checkpoint stays."""
+
+
+class TrainMeters:
+    """Per-epoch sums kept on the device, so a step costs no host synchronisation; `summary()` syncs once."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct@1, correct@5
+        self.count = 0
+        self.steps = 0
+        self.names: List[str] = []
+        # per loss term: first step (1-based) where it was not finite (0: none yet), and its value there
+        self.first_bad_step: Optional[torch.Tensor] = None
+        self.first_bad_value: Optional[torch.Tensor] = None
+        self.start = time.monotonic()
+
+    def update(
+        self, preds: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, losses_dict: Dict[str, torch.Tensor]
+    ) -> None:
+        batch_size = target.size(0)
+        self.steps += 1
+        self.count += batch_size
+        correct = correct_counts(preds.detach(), target, (1, 5))
+        self.sums += torch.cat([(loss.detach() * batch_size).reshape(1), correct]).double()
+        terms = torch.stack([value.detach().float().mean() for value in losses_dict.values()])
+        if self.first_bad_step is None:
+            self.names = list(losses_dict)
+            self.first_bad_step = torch.zeros(len(self.names), dtype=torch.long, device=terms.device)
+            self.first_bad_value = torch.zeros(len(self.names), device=terms.device)
+        new_bad = ~torch.isfinite(terms) & (self.first_bad_step == 0)
+        self.first_bad_step = torch.where(new_bad, self.steps, self.first_bad_step)
+        self.first_bad_value = torch.where(new_bad, terms, self.first_bad_value)
+
+    def summary(self) -> Dict[str, float]:
+        """Averages so far (one host sync); raises NonFiniteLossError naming step and term of the first NaN/inf."""
+        loss_sum, correct1, correct5 = self.sums.tolist()
+        if self.first_bad_step is not None:
+            bad = [(step, name, value) for step, name, value in
+                   zip(self.first_bad_step.tolist(), self.names, self.first_bad_value.tolist()) if step > 0]
+            if bad:
+                step, name, value = min(bad)
+                raise NonFiniteLossError(f"step {step}: loss term '{name}' is {value}")
+        count = max(self.count, 1)
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        return {
+            "loss": loss_sum / count,
+            "top1": 100.0 * correct1 / count,
+            "top5": 100.0 * correct5 / count,
+            "img_per_s": self.count / elapsed,
+            "seconds": elapsed,
+        }
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def start_wandb(cfg, experiment_name: str, tags: Sequence[str], log_dir: str):
+    """A wandb run when LOG.WANDB is on; falls back to offline logging (then to none) instead of crashing."""
+    if not cfg.LOG.WANDB:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print(log_msg("LOG.WANDB is True but wandb is not installed; continuing without wandb", "INFO"))
+        return None
+    kwargs = dict(project=cfg.EXPERIMENT.PROJECT, name=experiment_name, tags=list(tags), dir=log_dir)
+    try:
+        return wandb.init(**kwargs)
+    except Exception as error:  # no network, no login, server error: never lose the training run over it
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(log_msg(f"wandb failed to start ({reason}); logging offline under {log_dir} "
+                      "(upload later with `wandb sync`)", "INFO"))
+    try:
+        return wandb.init(mode="offline", **kwargs)
+    except Exception as error:
+        print(log_msg(f"wandb offline mode failed too ({type(error).__name__}); continuing without wandb", "INFO"))
+        return None
+
+
+class BaseTrainer:
+    """SGD over `distiller.get_learnable_parameters()`, step LR schedule, per-epoch validation, logs, checkpoints."""
+
+    def __init__(
+        self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg, tags: Sequence[str] = ()
+    ):
+        self.cfg = cfg
+        self.distiller = distiller
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.device = next(distiller.parameters()).device
+        self.optimizer = self.init_optimizer(cfg)
+        self.best_acc = -1.0
+        self.best_epoch = 0
+        self.last_acc = -1.0
+        self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
+        os.makedirs(self.log_path, exist_ok=True)
+        dump_cfg(cfg, os.path.join(self.log_path, "config.yaml"))
+        self.tf_writer = SummaryWriter(os.path.join(self.log_path, "train.events"))
+        self.wandb = start_wandb(cfg, experiment_name, tags, self.log_path)
+
+    def init_optimizer(self, cfg) -> torch.optim.Optimizer:
+        if cfg.SOLVER.TYPE != "SGD":
+            raise ConfigError(f"SOLVER.TYPE = {cfg.SOLVER.TYPE!r} is not supported; expected 'SGD'")
+        return torch.optim.SGD(
+            self.distiller.get_learnable_parameters(),
+            lr=cfg.SOLVER.LR,
+            momentum=cfg.SOLVER.MOMENTUM,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
+
+    # ------------------------------------------------------------------ logging
+    def log(self, lr: float, epoch: int, log_dict: Dict[str, float]) -> None:
+        for key, value in log_dict.items():
+            self.tf_writer.add_scalar(key, value, epoch)
+        self.tf_writer.flush()
+        if log_dict["test_acc"] > self.best_acc:
+            self.best_acc = log_dict["test_acc"]
+            self.best_epoch = epoch
+        self.last_acc = log_dict["test_acc"]
+        if self.wandb is not None:
+            self.wandb.log({"current lr": lr, **log_dict}, step=epoch)
+            self.wandb.summary["best_acc"] = self.best_acc
+        with open(os.path.join(self.log_path, "worklog.txt"), "a") as writer:
+            lines = ["-" * 25 + os.linesep, "epoch: {}".format(epoch) + os.linesep]
+            lines.append("lr: {:.2f}".format(float(lr)) + os.linesep)
+            lines += ["{}: {:.2f}".format(key, value) + os.linesep for key, value in log_dict.items()]
+            lines.append("-" * 25 + os.linesep)
+            writer.writelines(lines)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self, epoch: int) -> Dict:
+        """Upstream's full checkpoint ({epoch, model with `module.` keys, optimizer, best_acc}) plus resume extras."""
+        return {
+            "epoch": epoch,
+            "model": add_prefix(self.distiller.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
+            "last_acc": self.last_acc,
+            "rng_state": capture_rng_state(self.train_loader),
+        }
+
+    def save_checkpoints(self, epoch: int, test_acc: float) -> None:
+        state = self.checkpoint_state(epoch)
+        student_state = {"model": self.distiller.student.state_dict()}
+        save_checkpoint(state, os.path.join(self.log_path, "latest"))
+        save_checkpoint(student_state, os.path.join(self.log_path, "student_latest"))
+        if epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
+            save_checkpoint(state, os.path.join(self.log_path, "epoch_{}".format(epoch)))
+            save_checkpoint(student_state, os.path.join(self.log_path, "student_{}".format(epoch)))
+        if test_acc >= self.best_acc:
+            save_checkpoint(state, os.path.join(self.log_path, "best"))
+            save_checkpoint(student_state, os.path.join(self.log_path, "student_best"))
+
+    def resume(self) -> int:
+        """Restore model, optimizer, accuracies and RNG states from `latest`; returns the next epoch."""
+        path = os.path.join(self.log_path, "latest")
+        state = load_checkpoint(path)
+        if not isinstance(state, dict) or not {"epoch", "model", "optimizer"} <= set(state):
+            raise CheckpointError(f"{path}: not a full training checkpoint (expected keys epoch, model, optimizer)")
+        load_weights(self.distiller, strip_prefix(state["model"]), path, "the distiller built from this config")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{path}: optimizer state does not match this config: {error}") from None
+        self.best_acc = float(state.get("best_acc", -1.0))
+        self.best_epoch = int(state.get("best_epoch", 0))
+        self.last_acc = float(state.get("last_acc", -1.0))
+        if "rng_state" in state:
+            warning = restore_rng_state(state["rng_state"], self.train_loader)
+        else:
+            warning = "the checkpoint has no RNG state (written by upstream mdistiller?)"
+        if warning:
+            print(log_msg(f"resuming {path}: {warning}; not bit-identical to an uninterrupted run", "INFO"))
+        return int(state["epoch"]) + 1
+
+    # ------------------------------------------------------------------ training
+    def train(self, resume: bool = False) -> Tuple[float, float]:
+        """Run (or continue) training; returns (best, last) validation top-1."""
+        try:
+            epoch = self.resume() if resume else 1
+            while epoch < self.cfg.SOLVER.EPOCHS + 1:
+                self.train_epoch(epoch)
+                epoch += 1
+        finally:
+            self.tf_writer.close()
+        message = "Best accuracy: {:.2f} (epoch {})| Last accuracy: {:.2f}"
+        print(log_msg(message.format(self.best_acc, self.best_epoch, self.last_acc), "EVAL"), flush=True)
+        with open(os.path.join(self.log_path, "worklog.txt"), "a") as writer:
+            # upstream ends the file with `best_acc\t..` (no newline); the last accuracy goes just before it
+            writer.write("last_acc\t{:.2f}".format(self.last_acc) + os.linesep)
+            writer.write("best_acc\t{:.2f}".format(float(self.best_acc)))
+        if self.wandb is not None:
+            self.wandb.summary["last_acc"] = self.last_acc
+            self.wandb.finish()
+        return self.best_acc, self.last_acc
+
+    def train_epoch(self, epoch: int) -> None:
+        lr = adjust_learning_rate(epoch, self.cfg, self.optimizer)
+        meters = TrainMeters(self.device)
+        pbar = progress_bar(len(self.train_loader))
+        last_refresh = time.monotonic()
+        self.distiller.train()
+        try:
+            for data in self.train_loader:
+                self.train_iter(data, epoch, meters)
+                pbar.update()
+                if time.monotonic() - last_refresh >= REFRESH_SECONDS:
+                    stats = meters.summary()
+                    pbar.set_description(log_msg("Epoch:{}| Loss:{:.4f}| Top-1:{:.3f}| img/s:{:.0f}".format(
+                        epoch, stats["loss"], stats["top1"], stats["img_per_s"]), "TRAIN"), refresh=False)
+                    last_refresh = time.monotonic()
+            stats = meters.summary()
+        except NonFiniteLossError as error:
+            latest = os.path.join(self.log_path, "latest")
+            kept = f"last good checkpoint: {latest} (epoch {epoch - 1})" if epoch > 1 else "no checkpoint was written"
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, {error}; stopping ({kept})") from None
+        finally:
+            pbar.close()
+        test_acc, test_acc_top5, test_loss = validate(self.val_loader, self.distiller)
+        log_dict = OrderedDict(
+            train_acc=stats["top1"],
+            train_loss=stats["loss"],
+            test_acc=test_acc,
+            test_acc_top5=test_acc_top5,
+            test_loss=test_loss,
+        )
+        self.log(lr, epoch, log_dict)
+        self.save_checkpoints(epoch, test_acc)
+        eta = (self.cfg.SOLVER.EPOCHS - epoch) * (time.monotonic() - meters.start)
+        print(log_msg(
+            "Epoch:{}/{}| lr:{:g}| Loss:{:.4f}| Top-1:{:.3f}| img/s:{:.0f}| "
+            "Test Top-1:{:.3f}| Top-5:{:.3f}| Loss:{:.4f}| Best:{:.3f}| Time:{}| ETA:{}".format(
+                epoch, self.cfg.SOLVER.EPOCHS, lr, stats["loss"], stats["top1"], stats["img_per_s"], test_acc,
+                test_acc_top5, test_loss, self.best_acc, _format_seconds(stats["seconds"]), _format_seconds(eta)),
+            "TRAIN"), flush=True)
+
+    def unpack_batch(self, data) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """(image, target, extra `forward_train` kwargs). Base batches are (image, target[, index])."""
+        return data[0], data[1], {}
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    def train_iter(self, data, epoch: int, train_meters: TrainMeters) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        image, target, extra = self.unpack_batch(data)
+        image, target = self.to_device(image.float()), self.to_device(target)
+        extra = {key: self.to_device(value) for key, value in extra.items()}
+        preds, losses_dict = self.distiller(image=image, target=target, epoch=epoch, **extra)
+        loss = sum(value.mean() for value in losses_dict.values())
+        loss.backward()
+        self.optimizer.step()
+        train_meters.update(preds, target, loss, losses_dict)
