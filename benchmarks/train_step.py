@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mdistiller.engine.build import build_model  # noqa: E402
 from mdistiller.engine.config import load_cfg  # noqa: E402
+from mdistiller.engine.speed import StepPrecision  # noqa: E402
 from mdistiller.engine.trainer import BaseTrainer, TrainMeters  # noqa: E402
 from mdistiller.distillers import distiller_dict  # noqa: E402
 
@@ -34,6 +35,7 @@ class _StepTrainer(BaseTrainer):
         self.cfg = cfg
         self.distiller = distiller
         self.device = next(distiller.parameters()).device
+        self.precision = StepPrecision(cfg, self.device)
         self.optimizer = self.init_optimizer(cfg)
 
 

@@ -1,6 +1,7 @@
 """Train a student (or a model alone) from a config, as upstream mdistiller:
 
     python3 tools/train.py --cfg configs/cifar100/dkd/res32x4_res8x4.yaml [--resume] [--debug] [KEY VALUE ...]
+    torchrun --nproc_per_node=N tools/train.py --cfg ...   (DDP; SOLVER.BATCH_SIZE stays the global batch)
 
 The run directory is LOG.PREFIX/EXPERIMENT.PROJECT/<NAME or TAG><KEY:VALUE,...>; `--resume` continues from its
 `latest` checkpoint. Errors are one line on stderr; `--debug` shows the traceback instead.
@@ -17,13 +18,14 @@ from mdistiller.engine.cli import run_cli  # noqa: E402
 
 def train(cfg_path: str, resume: bool, opts: List[str]) -> None:
     from mdistiller.dataset import get_dataset
-    from mdistiller.engine import trainer_dict
+    from mdistiller.engine import distributed, trainer_dict
     from mdistiller.engine.build import build_distiller, check_names, default_device
     from mdistiller.engine.cfg import show_cfg
     from mdistiller.engine.config import ConfigError, experiment_name, load_cfg
     from mdistiller.engine.rng import seed_everything
     from mdistiller.engine.utils import log_msg
 
+    distributed.init_from_env()  # torchrun: join the process group; ranks > 0 print nothing
     cfg = load_cfg(cfg_path, opts)
     if cfg.SOLVER.TRAINER not in trainer_dict:
         raise ConfigError(
@@ -34,6 +36,7 @@ def train(cfg_path: str, resume: bool, opts: List[str]) -> None:
     show_cfg(cfg)
     seed_everything(cfg.EXPERIMENT.SEED, cfg.EXPERIMENT.DETERMINISTIC)
     train_loader, val_loader, num_data, num_classes = get_dataset(cfg)
+    train_loader, val_loader = distributed.shard_loaders(train_loader, val_loader, cfg)
     distiller = build_distiller(cfg, num_data, num_classes).to(default_device())
     print(log_msg("Extra parameters of {}: {}".format(cfg.DISTILLER.TYPE, distiller.get_extra_parameters()), "INFO"))
     trainer = trainer_dict[cfg.SOLVER.TRAINER](name, distiller, train_loader, val_loader, cfg, tags=tags)

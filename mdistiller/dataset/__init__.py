@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import cifar100, digits, imagenet, tiny_imagenet
 from ._common import DatasetError, Instance, InstanceSample, make_loader, split_train
+from .device_loader import DeviceLoader
 
 __all__ = ["DatasetError", "get_dataset", "get_val_loader", "DATASETS"]
 
@@ -53,9 +54,34 @@ def get_dataset(cfg) -> Tuple[DataLoader, DataLoader, int, int]:
         val_set = split_class(data.ROOT, False, module.test_transform())
     else:
         val_set = Subset(split_class(data.ROOT, True, module.test_transform()), held_out.tolist())
-    train_loader = make_loader(train_set, cfg.SOLVER.BATCH_SIZE, shuffle=True, num_workers=data.NUM_WORKERS)
+    if data.LOADER == "device":
+        train_loader = _device_loader(cfg, module, train_base, train_indices)
+    elif data.LOADER == "torch":
+        train_loader = make_loader(train_set, cfg.SOLVER.BATCH_SIZE, shuffle=True, num_workers=data.NUM_WORKERS)
+    else:
+        raise DatasetError(f"DATASET.LOADER={data.LOADER!r} is unknown; expected 'torch' or 'device'")
     val_loader = make_loader(val_set, data.TEST.BATCH_SIZE, shuffle=False, num_workers=data.NUM_WORKERS)
     return train_loader, val_loader, len(train_set), module.NUM_CLASSES
+
+
+def _device_loader(cfg, module: ModuleType, train_base, indices) -> DeviceLoader:
+    """The training set on the training device (CIFAR-100 only; under torchrun, this rank's share of the batch)."""
+    import torch
+
+    from ..engine import distributed
+
+    if cfg.DATASET.TYPE != "cifar100" or cfg.DISTILLER.TYPE in CRD_TYPES:
+        raise DatasetError(f"DATASET.LOADER='device' supports DATASET.TYPE 'cifar100' without CRD, got "
+                           f"DATASET.TYPE={cfg.DATASET.TYPE!r}, DISTILLER.TYPE={cfg.DISTILLER.TYPE!r}")
+    world = distributed.world_size()
+    if cfg.SOLVER.BATCH_SIZE % world:
+        raise DatasetError(f"SOLVER.BATCH_SIZE={cfg.SOLVER.BATCH_SIZE} (the global batch) is not divisible by the "
+                           f"{world} processes of this torchrun")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    targets = [train_base.targets[i] for i in indices]
+    return DeviceLoader(train_base.images[indices], targets, cfg.SOLVER.BATCH_SIZE // world, device, module.MEAN,
+                        module.STD, seed=max(int(cfg.EXPERIMENT.SEED), 0), rank=distributed.rank(),
+                        num_replicas=world)
 
 
 def get_val_loader(dataset_type: str, root: str = "data", batch_size: int = 64, num_workers: int = 0):

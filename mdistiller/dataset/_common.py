@@ -1,4 +1,5 @@
 """Pieces every data set shares: the error type, fixed train splits, the index/CRD wrappers and the loaders."""
+import signal
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -121,8 +122,16 @@ class InstanceSample(Instance):
         return img, target, index, self.sample(index, target)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM (a Ctrl-C reaches the whole process group) to the trainer, which stops
+    at a step boundary (engine/signals.py); a worker dying under it would turn a clean stop into a loader error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
-    """drop_last off (every image counts); pin_memory only where CUDA can use it."""
+    """drop_last off (every image counts); pin_memory only where CUDA can use it. A worker that crashes is reported
+    by the DataLoader as an error (no hang)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -130,4 +139,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )

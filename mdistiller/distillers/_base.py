@@ -1,10 +1,29 @@
 """The distiller interface every method implements (same API as upstream mdistiller)."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.fold import fold_batchnorm
+
+
+def _fold_teacher_on_first_call(teacher: nn.Module, args) -> None:
+    """Forward pre-hook: fold the eval-mode teacher's BatchNorm into its convs once, probing with the real input."""
+    if teacher.training or getattr(teacher, "_bn_fold_tried", False):
+        return
+    if args and isinstance(args[0], torch.Tensor):
+        teacher._bn_fold_tried = True
+        fold_batchnorm(teacher, args[0][:2])
+
 
 class Distiller(nn.Module):
-    """A student trained against a frozen teacher; `forward_train` returns `(logits, {name: loss})`."""
+    """A student trained against a frozen teacher; `forward_train` returns `(logits, {name: loss})`.
+
+    The teacher's BatchNorm is folded into its convolutions on its first eval-mode call (exact, state dict
+    unchanged; see `mdistiller.models.fold`); a method whose teacher must keep BatchNorm modules sets
+    `fold_teacher = False`.
+    """
+
+    fold_teacher = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module):
         super().__init__()
@@ -12,6 +31,8 @@ class Distiller(nn.Module):
         self.teacher = teacher
         for param in self.teacher.parameters():
             param.requires_grad_(False)
+        if self.fold_teacher:
+            self.teacher.register_forward_pre_hook(_fold_teacher_on_first_call)
 
     def train(self, mode: bool = True):
         """Set the student (and any connector) to `mode`; the teacher always stays in eval mode."""

@@ -78,8 +78,27 @@ def load_teacher(cfg, num_classes: int) -> nn.Module:
     return model
 
 
+# Numbers the solver would otherwise accept silently (LR 0 trains nothing) or crash on deep inside the run.
+POSITIVE_KEYS = (
+    "SOLVER.LR", "SOLVER.EPOCHS", "SOLVER.BATCH_SIZE", "DATASET.TEST.BATCH_SIZE", "LOG.SAVE_CHECKPOINT_FREQ"
+)
+NON_NEGATIVE_KEYS = ("DATASET.NUM_WORKERS",)
+
+
+def check_values(cfg) -> None:
+    """A ConfigError naming the key and value for a zero or negative count, size or learning rate."""
+    for key in POSITIVE_KEYS + NON_NEGATIVE_KEYS:
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if value < 0 or (value == 0 and key in POSITIVE_KEYS):
+            expected = "a positive number" if key in POSITIVE_KEYS else "0 or more"
+            raise ConfigError(f"{key} = {value!r}; expected {expected}")
+
+
 def check_names(cfg) -> None:
-    """Fail fast, before any data is read, on a distiller or model name that no registry knows."""
+    """Fail fast, before any data is read, on a distiller or model name that no registry knows (or a bad number)."""
+    check_values(cfg)
     if cfg.DISTILLER.TYPE not in distiller_dict:
         raise ConfigError(
             f"DISTILLER.TYPE = {cfg.DISTILLER.TYPE!r} is not a registered distiller; "

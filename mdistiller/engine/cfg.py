@@ -32,6 +32,7 @@ CFG.DATASET.DOWNLOAD = False
 CFG.DATASET.NUM_WORKERS = 2
 CFG.DATASET.TRAIN_SUBSET = 0  # >0: train on this many training images (a fixed, seeded choice)
 CFG.DATASET.VALIDATION_FROM_TRAIN = 0  # >0: hold out this many training images and validate on them, not the test split
+CFG.DATASET.LOADER = "torch"  # "torch": DataLoader + PIL transforms; "device": CIFAR uint8 + aug on the train device
 CFG.DATASET.TEST = CN()
 CFG.DATASET.TEST.BATCH_SIZE = 64
 
@@ -53,6 +54,11 @@ CFG.SOLVER.LR_DECAY_RATE = 0.1
 CFG.SOLVER.WEIGHT_DECAY = 0.0001
 CFG.SOLVER.MOMENTUM = 0.9
 CFG.SOLVER.TYPE = "SGD"
+# Speed (issue 8). BATCH_SIZE is the global batch: under torchrun each of WORLD_SIZE ranks takes BATCH_SIZE/WORLD_SIZE.
+CFG.SOLVER.SYNC_BN = False  # DDP only: student BatchNorm statistics over the global batch
+CFG.SOLVER.AMP = ""  # "", "bf16" or "fp16" (with a GradScaler); CUDA only, ignored on CPU
+CFG.SOLVER.CHANNELS_LAST = False  # models and batches in NHWC memory format
+CFG.SOLVER.COMPILE = False  # torch.compile the student and the teacher
 CFG.SOLVER.DOT = CN()
 CFG.SOLVER.DOT.DELTA = 0.075
 

@@ -18,23 +18,27 @@ STUDENT_PREFIX = "student."
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or does not fit the model; the message names the file."""
+    """A checkpoint that is missing, unreadable, unwritable or does not fit the model; the message names the file."""
 
 
 def save_checkpoint(obj, path: str) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`: a kill leaves either the
     old file or the new one, never a truncated one."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    tmp_path = None
     try:
+        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
+    except BaseException as error:
+        if tmp_path is not None and os.path.exists(tmp_path):
             os.unlink(tmp_path)
+        if isinstance(error, OSError):  # disk full, read-only or vanished directory: the old file is untouched
+            kept = "the previous file is unchanged" if os.path.exists(path) else "no previous file"
+            raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error} ({kept})") from None
         raise
     if hasattr(os, "O_DIRECTORY"):
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

@@ -13,8 +13,11 @@ import torch.nn as nn
 from tensorboardX import SummaryWriter
 
 from .checkpoint import CheckpointError, add_prefix, load_checkpoint, load_weights, save_checkpoint, strip_prefix
+from . import distributed, speed
 from .config import ConfigError, dump_cfg
+from .lock import RunLock
 from .rng import capture_rng_state, restore_rng_state
+from .signals import GracefulStop
 from .utils import REFRESH_SECONDS, adjust_learning_rate, correct_counts, log_msg, progress_bar, validate
 
 
@@ -108,19 +111,25 @@ class BaseTrainer:
         self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg, tags: Sequence[str] = ()
     ):
         self.cfg = cfg
-        self.distiller = distiller
+        self.main = distributed.is_main()  # only rank 0 writes logs and checkpoints under torchrun
+        self.distiller = distributed.wrap_model(speed.prepare_model(distiller, cfg), cfg)
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.device = next(distiller.parameters()).device
+        self.precision = speed.StepPrecision(cfg, self.device)
         self.optimizer = self.init_optimizer(cfg)
         self.best_acc = -1.0
         self.best_epoch = 0
         self.last_acc = -1.0
         self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
         os.makedirs(self.log_path, exist_ok=True)
-        dump_cfg(cfg, os.path.join(self.log_path, "config.yaml"))
-        self.tf_writer = SummaryWriter(os.path.join(self.log_path, "train.events"))
-        self.wandb = start_wandb(cfg, experiment_name, tags, self.log_path)
+        self.run_lock = RunLock(self.log_path) if self.main else distributed.Inert()  # before any write into it
+        self.stop = GracefulStop()
+        if self.main:
+            dump_cfg(cfg, os.path.join(self.log_path, "config.yaml"))
+        events = os.path.join(self.log_path, "train.events")
+        self.tf_writer = SummaryWriter(events) if self.main else distributed.Inert()
+        self.wandb = start_wandb(cfg, experiment_name, tags, self.log_path) if self.main else None
 
     def init_optimizer(self, cfg) -> torch.optim.Optimizer:
         if cfg.SOLVER.TYPE != "SGD":
@@ -130,6 +139,7 @@ class BaseTrainer:
             lr=cfg.SOLVER.LR,
             momentum=cfg.SOLVER.MOMENTUM,
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            **speed.sgd_kwargs(self.device),
         )
 
     # ------------------------------------------------------------------ logging
@@ -144,6 +154,8 @@ class BaseTrainer:
         if self.wandb is not None:
             self.wandb.log({"current lr": lr, **log_dict}, step=epoch)
             self.wandb.summary["best_acc"] = self.best_acc
+        if not self.main:
+            return
         with open(os.path.join(self.log_path, "worklog.txt"), "a") as writer:
             lines = ["-" * 25 + os.linesep, "epoch: {}".format(epoch) + os.linesep]
             lines.append("lr: {:.2f}".format(float(lr)) + os.linesep)
@@ -165,6 +177,8 @@ class BaseTrainer:
         }
 
     def save_checkpoints(self, epoch: int, test_acc: float) -> None:
+        if not self.main:
+            return
         state = self.checkpoint_state(epoch)
         student_state = {"model": self.distiller.student.state_dict()}
         save_checkpoint(state, os.path.join(self.log_path, "latest"))
@@ -179,6 +193,8 @@ class BaseTrainer:
     def resume(self) -> int:
         """Restore model, optimizer, accuracies and RNG states from `latest`; returns the next epoch."""
         path = os.path.join(self.log_path, "latest")
+        if not os.path.exists(path):
+            raise CheckpointError(f"--resume: no previous run to continue ({path} does not exist); omit --resume")
         state = load_checkpoint(path)
         if not isinstance(state, dict) or not {"epoch", "model", "optimizer"} <= set(state):
             raise CheckpointError(f"{path}: not a full training checkpoint (expected keys epoch, model, optimizer)")
@@ -201,19 +217,24 @@ class BaseTrainer:
     # ------------------------------------------------------------------ training
     def train(self, resume: bool = False) -> Tuple[float, float]:
         """Run (or continue) training; returns (best, last) validation top-1."""
+        self.stop.install()
         try:
             epoch = self.resume() if resume else 1
             while epoch < self.cfg.SOLVER.EPOCHS + 1:
+                self.stop.check(epoch, 0, os.path.join(self.log_path, "latest"))
                 self.train_epoch(epoch)
                 epoch += 1
         finally:
+            self.stop.uninstall()
+            self.run_lock.release()
             self.tf_writer.close()
         message = "Best accuracy: {:.2f} (epoch {})| Last accuracy: {:.2f}"
         print(log_msg(message.format(self.best_acc, self.best_epoch, self.last_acc), "EVAL"), flush=True)
-        with open(os.path.join(self.log_path, "worklog.txt"), "a") as writer:
-            # upstream ends the file with `best_acc\t..` (no newline); the last accuracy goes just before it
-            writer.write("last_acc\t{:.2f}".format(self.last_acc) + os.linesep)
-            writer.write("best_acc\t{:.2f}".format(float(self.best_acc)))
+        if self.main:
+            with open(os.path.join(self.log_path, "worklog.txt"), "a") as writer:
+                # upstream ends the file with `best_acc\t..` (no newline); the last accuracy goes just before it
+                writer.write("last_acc\t{:.2f}".format(self.last_acc) + os.linesep)
+                writer.write("best_acc\t{:.2f}".format(float(self.best_acc)))
         if self.wandb is not None:
             self.wandb.summary["last_acc"] = self.last_acc
             self.wandb.finish()
@@ -228,6 +249,7 @@ class BaseTrainer:
         try:
             for data in self.train_loader:
                 self.train_iter(data, epoch, meters)
+                self.stop.check(epoch, meters.steps, os.path.join(self.log_path, "latest"))
                 pbar.update()
                 if time.monotonic() - last_refresh >= REFRESH_SECONDS:
                     stats = meters.summary()
@@ -264,15 +286,15 @@ class BaseTrainer:
         return data[0], data[1], {}
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.device, non_blocking=True)
+        return speed.to_memory_format(tensor.to(self.device, non_blocking=True), self.cfg)
 
     def train_iter(self, data, epoch: int, train_meters: TrainMeters) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         image, target, extra = self.unpack_batch(data)
         image, target = self.to_device(image.float()), self.to_device(target)
         extra = {key: self.to_device(value) for key, value in extra.items()}
-        preds, losses_dict = self.distiller(image=image, target=target, epoch=epoch, **extra)
-        loss = sum(value.mean() for value in losses_dict.values())
-        loss.backward()
-        self.optimizer.step()
+        with self.precision.autocast():
+            preds, losses_dict = self.distiller(image=image, target=target, epoch=epoch, **extra)
+            loss = sum(value.mean() for value in losses_dict.values())
+        self.precision.backward_step(loss, self.optimizer)
         train_meters.update(preds, target, loss, losses_dict)

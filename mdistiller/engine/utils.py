@@ -85,7 +85,11 @@ def unpack_eval_batch(batch: Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def validate(val_loader, distiller: nn.Module) -> Tuple[float, float, float]:
-    """Top-1, top-5 (percent) and mean cross-entropy of `distiller(image=...)` in eval mode over `val_loader`."""
+    """Top-1, top-5 (percent) and mean cross-entropy of `distiller(image=...)` in eval mode over `val_loader`
+    (under torchrun: this rank's shard, summed over ranks; the DDP wrapper is bypassed, shards may differ in length)."""
+    from .distributed import all_reduce_sum, unwrap
+
+    distiller = unwrap(distiller)
     device = next(distiller.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct@1, correct@5
     count = 0
@@ -109,7 +113,8 @@ def validate(val_loader, distiller: nn.Module) -> Tuple[float, float, float]:
                 pbar.set_description(log_msg(message, "EVAL"))
                 last_refresh = time.monotonic()
     pbar.close()
+    totals = all_reduce_sum(torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=device)]))
+    loss_sum, c1, c5, count = totals.tolist()
     if count == 0:
         raise ValueError("validate: the validation loader yielded no images")
-    loss_sum, c1, c5 = sums.tolist()
     return 100.0 * c1 / count, 100.0 * c5 / count, loss_sum / count
