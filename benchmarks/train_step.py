@@ -67,13 +67,16 @@ def measure(
         torch.cuda.reset_peak_memory_stats(device)
     meters = TrainMeters(device)
     times: List[float] = []
+    cpu_times: List[float] = []  # this process's CPU time: robust to other processes sharing the cores
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for step in range(warmup + steps):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         trainer.train_iter(batch, 1, meters)
         _sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     meters.summary()  # raises if a loss was not finite
     result = {
         "method": method,
@@ -87,11 +90,13 @@ def measure(
         "opts": list(opts),
         "step_ms_median": 1000 * statistics.median(times),
         "img_per_s": batch_size / statistics.median(times),
+        "cpu_ms_median": 1000 * statistics.median(cpu_times),
     }
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["step_rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     return result
 
 

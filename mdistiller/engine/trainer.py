@@ -22,7 +22,17 @@ from .utils import REFRESH_SECONDS, adjust_learning_rate, correct_counts, log_ms
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; the run stops and the last good checkpoint stays."""
+    """A loss term (or a gradient) became NaN or inf; the run stops and the last good checkpoint stays."""
+
+
+def first_non_finite_parameter(module: nn.Module) -> Optional[str]:
+    """Name of the first parameter holding NaN/inf (one host sync), or None. Run once per epoch, before validation
+    and checkpoints: a non-finite gradient at an epoch's last step leaves a finite loss but non-finite weights."""
+    named = list(module.named_parameters())
+    if not named:
+        return None
+    finite = torch.stack([param.detach().isfinite().all() for _, param in named])
+    return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
 
 
 class TrainMeters:
@@ -181,14 +191,16 @@ class BaseTrainer:
             return
         state = self.checkpoint_state(epoch)
         student_state = {"model": self.distiller.student.state_dict()}
-        save_checkpoint(state, os.path.join(self.log_path, "latest"))
-        save_checkpoint(student_state, os.path.join(self.log_path, "student_latest"))
         if epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
             save_checkpoint(state, os.path.join(self.log_path, "epoch_{}".format(epoch)))
             save_checkpoint(student_state, os.path.join(self.log_path, "student_{}".format(epoch)))
         if test_acc >= self.best_acc:
             save_checkpoint(state, os.path.join(self.log_path, "best"))
             save_checkpoint(student_state, os.path.join(self.log_path, "student_best"))
+        save_checkpoint(student_state, os.path.join(self.log_path, "student_latest"))
+        # `latest` last: it is what --resume reads, so once it says epoch N every other file of epoch N is written
+        # (a kill before it makes --resume redo epoch N, rewriting the same files)
+        save_checkpoint(state, os.path.join(self.log_path, "latest"))
 
     def resume(self) -> int:
         """Restore model, optimizer, accuracies and RNG states from `latest`; returns the next epoch."""
@@ -257,10 +269,13 @@ class BaseTrainer:
                         epoch, stats["loss"], stats["top1"], stats["img_per_s"]), "TRAIN"), refresh=False)
                     last_refresh = time.monotonic()
             stats = meters.summary()
+            bad_parameter = first_non_finite_parameter(self.distiller)
+            if bad_parameter is not None:
+                raise NonFiniteLossError(f"step {meters.steps}: the gradient of '{bad_parameter}' was not finite")
         except NonFiniteLossError as error:
             latest = os.path.join(self.log_path, "latest")
             kept = f"last good checkpoint: {latest} (epoch {epoch - 1})" if epoch > 1 else "no checkpoint was written"
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, {error}; stopping ({kept})") from None
+            raise NonFiniteLossError(f"non-finite value at epoch {epoch}, {error}; stopping ({kept})") from None
         finally:
             pbar.close()
         test_acc, test_acc_top5, test_loss = validate(self.val_loader, self.distiller)
