@@ -374,6 +374,34 @@ def test_non_finite_gradient_at_the_last_step_stops_before_any_checkpoint(tmp_pa
     assert not (run / "epoch_2").exists() and not (run / "student_2").exists()
 
 
+def test_skip_nonfinite_skips_the_bad_step_and_finishes(tmp_path, cifar100_root, monkeypatch, capsys):
+    """With SOLVER.SKIP_NONFINITE a NaN loss skips that step (weights untouched) instead of stopping the run."""
+    original = trainer_module.BaseTrainer.train_iter
+    seen = {}
+
+    def train_iter(self, data, epoch, meters):
+        if (epoch, meters.steps) != (2, 1) or seen:
+            return original(self, data, epoch, meters)
+        before = {k: v.detach().clone() for k, v in self.distiller.student.named_parameters()}
+        real_forward = self.distiller.forward
+        self.distiller.forward = lambda **kw: (lambda out: (out[0], {**out[1], "ce": out[1]["ce"] * float("nan")}))(
+            real_forward(**kw))
+        try:
+            original(self, data, epoch, meters)
+        finally:
+            self.distiller.forward = real_forward
+        after = dict(self.distiller.student.named_parameters())
+        seen["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+        seen["steps"] = meters.steps
+
+    monkeypatch.setattr(trainer_module.BaseTrainer, "train_iter", train_iter)
+    status, run = train(tmp_path, cifar100_root, "", args=["SOLVER.SKIP_NONFINITE", "True"])
+    assert status == 0
+    assert seen == {"unchanged": True, "steps": 1}
+    assert "skipped a step of epoch 2: non-finite loss (ce=nan)" in capsys.readouterr().out
+    assert torch.load(run / "latest", weights_only=True)["epoch"] == 2
+
+
 # ----------------------------------------------------------------------------------------------- loader workers
 def test_loader_worker_crash_is_a_clear_error_not_a_hang(tmp_path, cifar100_root, monkeypatch, capsys):
     real = _common.ArrayImages.__getitem__

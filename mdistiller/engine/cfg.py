@@ -58,6 +58,7 @@ CFG.SOLVER.TYPE = "SGD"
 CFG.SOLVER.SYNC_BN = False  # DDP only: student BatchNorm statistics over the global batch
 CFG.SOLVER.AMP = ""  # "", "bf16" or "fp16" (with a GradScaler); CUDA only, ignored on CPU
 CFG.SOLVER.CHANNELS_LAST = False  # models and batches in NHWC memory format
+CFG.SOLVER.SKIP_NONFINITE = False  # True: skip an optimizer step whose loss is NaN/inf (one host sync per step)
 CFG.SOLVER.COMPILE = ""  # torch.compile: "" off, "teacher" (frozen: inference graph), "all" (+ the student)
 CFG.SOLVER.DOT = CN()
 CFG.SOLVER.DOT.DELTA = 0.075

@@ -311,5 +311,16 @@ class BaseTrainer:
         with self.precision.autocast():
             preds, losses_dict = self.distiller(image=image, target=target, epoch=epoch, **extra)
             loss = sum(value.mean() for value in losses_dict.values())
+        if self.cfg.SOLVER.SKIP_NONFINITE and not self.loss_is_finite(loss):
+            print(log_msg(f"skipped a step of epoch {epoch}: non-finite loss "
+                          f"({', '.join(f'{k}={v.detach().float().mean().item():.4g}' for k, v in losses_dict.items())})",
+                          "INFO"), flush=True)
+            return
         self.precision.backward_step(loss, self.optimizer)
         train_meters.update(preds, target, loss, losses_dict)
+
+    @staticmethod
+    def loss_is_finite(loss: torch.Tensor) -> bool:
+        """Whether every rank's loss is finite (all ranks skip together, so DDP's all-reduce cannot hang)."""
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        return bool(distributed.all_reduce_sum(finite).item() == distributed.world_size())
