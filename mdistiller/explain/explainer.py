@@ -1,0 +1,180 @@
+"""Public entry points: explanation maps [B, K, H, W] for K classes per sample.
+
+- `explain(model, image, classes, ...)`: runs the model's relevance graph itself (pure: no module state changes).
+- `record(model)` + `explain_recorded(tape, classes, ...)`: maps from a forward the caller runs anyway (a training
+  step), so the student is not run twice.
+- `explain_from_features(model, feats, classes, ...)`: CAM / Grad-CAM at the GAP input from the `feats` dict of a
+  normal forward (no recording needed).
+"""
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .adapters import build_graph
+from .engine import Activations, Spec, bind, forward, propagate
+from .graph import BATCHNORMS, INPUT
+from .rules import RuleLike, get_composite
+
+METHODS = ("cam", "gradcam", "lrp", "gradient_input")
+Tensor = torch.Tensor
+
+
+def _check_classes(classes: Tensor, batch: int, num_classes: int) -> Tensor:
+    if classes.dtype != torch.long or classes.dim() != 2 or classes.shape[0] != batch:
+        raise ValueError(f"explain classes: expected a LongTensor of shape ({batch}, K), got {classes.dtype} "
+                         f"{tuple(classes.shape)}")
+    if classes.numel() and (classes.min() < 0 or classes.max() >= num_classes):
+        raise ValueError(f"explain classes: values must lie in [0, {num_classes}), got [{int(classes.min())}, "
+                         f"{int(classes.max())}]")
+    return classes
+
+
+def class_activation_map(gap_feat: Tensor, weight: Tensor, classes: Tensor) -> Tensor:
+    """Raw CAM Σ_c W[classes[b,k], c]·A[b,c,h,w] (no ReLU, bias or scaling): mean_hw(CAM) + bias = logit."""
+    return torch.einsum("bkc,bchw->bkhw", weight.flatten(1)[classes], gap_feat)
+
+
+def _gap_maps(gap_feat: Tensor, weight: Tensor, classes: Tensor, method: str) -> Tensor:
+    cam = class_activation_map(gap_feat, weight, classes)
+    return cam if method == "cam" else cam.clamp(min=0) / (gap_feat.shape[2] * gap_feat.shape[3])
+
+
+def _maps(acts: Activations, classes: Tensor, method: str, layer: Union[str, int], rule: RuleLike,
+          zero_bias: bool) -> Tensor:
+    graph = acts.graph
+    if method not in METHODS:
+        raise ValueError(f"explain method={method!r}: expected one of {METHODS}")
+    classes = _check_classes(classes.to(acts.values[INPUT].device), acts.values[INPUT].shape[0],
+                             acts.values[graph.head.output].shape[1])
+    target = graph.resolve(layer)
+    if method == "cam" and target != graph.gap:
+        raise ValueError(f"explain method='cam' is defined at layer='gap' only, got layer={layer!r}")
+    if method in ("cam", "gradcam") and target == graph.gap:
+        return _gap_maps(acts.values[target], acts.params(graph.head)[0], classes, method)
+    spec = Spec("lrp", get_composite(rule), zero_bias) if method == "lrp" else Spec("grad")
+    r = propagate(acts, classes, target, spec)
+    if r.dim() != 5:
+        raise ValueError(f"explain layer={layer!r}: tensor {target!r} has shape {tuple(r.shape[2:])}, expected a "
+                         f"spatial (C, H, W) map")
+    if method == "lrp":
+        return r.sum(2)
+    activation = acts.values[target]
+    if method == "gradient_input":
+        return (r * activation.unsqueeze(1)).sum(2)
+    return torch.einsum("bkc,bchw->bkhw", r.mean((3, 4)), activation).clamp(min=0)
+
+
+def explain(model: nn.Module, image: Tensor, classes: Tensor, method: str = "cam", layer: Union[str, int] = "gap",
+            rule: RuleLike = "epsilon_plus_flat", zero_bias: bool = False, create_graph: bool = False) -> Tensor:
+    """Explanation maps [B, K, H, W] of `classes` (LongTensor [B, K]) for `image`.
+
+    method: "cam" (raw CAM on gap_feat), "gradcam", "lrp" (relevance seeded with the logit, summed over channels),
+    "gradient_input". layer: "gap", "input", a stage index of feats["feats"], or a tensor key of the model's
+    relevance graph (a module name). rule: a composite or rule name, a `Rule` or a `Composite`. zero_bias: biases get
+    no relevance, so it is conserved. create_graph: the maps are differentiable with respect to the parameters (and
+    the image); otherwise no graph is kept. The model is run through its relevance graph, which never changes
+    parameters, buffers or gradients (in train mode BatchNorm uses batch statistics without updating running ones).
+    """
+    graph = build_graph(model, image.shape)
+    dtype = _parameter_dtype(model)
+    with torch.set_grad_enabled(create_graph), _full_precision(image):
+        acts = forward(graph, (image if create_graph else image.detach()).to(dtype))
+        return _maps(acts, classes, method, layer, rule, zero_bias)
+
+
+def _parameter_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _full_precision(like: Tensor):
+    """Autocast off: under AMP the relevance is computed in the parameters' precision (float32), so rule
+    normalisers near zero neither overflow nor lose the small contributions."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
+class Tape:
+    """Outputs of every Conv2d / Linear / BatchNorm (with whether a BN used batch statistics) of one forward."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.image: Optional[Tensor] = None
+        self.captured: Dict[str, Tuple[Tensor, bool]] = {}
+        self._versions: Dict[str, int] = {}
+        self._calls: Dict[str, int] = {}
+
+    def _store(self, name: str, module: nn.Module, output: Tensor) -> None:
+        self._calls[name] = self._calls.get(name, 0) + 1
+        uses_batch = isinstance(module, BATCHNORMS) and (module.training or module.running_mean is None)
+        self.captured[name] = (output, uses_batch)
+        self._versions[name] = output._version
+
+    def check(self) -> None:
+        if self.image is None:
+            raise ValueError(f"explain_recorded: no forward of {type(self.model).__name__} ran inside record()")
+        for name, calls in self._calls.items():
+            if calls > 1:
+                raise ValueError(f"explain_recorded: module {name} ran {calls} times in the recorded forward; "
+                                 f"record exactly one forward")
+            if self.captured[name][0]._version != self._versions[name]:
+                raise ValueError(f"explain_recorded: the output of {name} was modified in place after it was "
+                                 f"recorded; use explain() for models with in-place ops")
+
+
+@contextmanager
+def record(model: nn.Module) -> Iterator[Tape]:
+    """`with record(model) as tape: logits, feats = model(x)` keeps the layer outputs that `explain_recorded` needs
+    (references only; nothing is copied or changed)."""
+    tape = Tape(model)
+
+    def keep_input(module: nn.Module, args: tuple) -> None:
+        if tape.image is not None:
+            raise ValueError(f"record: {type(model).__name__} ran more than once inside one record()")
+        tape.image = args[0]
+
+    handles: List = [model.register_forward_pre_hook(keep_input)]
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear) + BATCHNORMS):
+            handles.append(module.register_forward_hook(
+                lambda m, args, output, name=name: tape._store(name, m, output)))
+    try:
+        yield tape
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def explain_recorded(tape: Tape, classes: Tensor, method: str = "cam", layer: Union[str, int] = "gap",
+                     rule: RuleLike = "epsilon_plus_flat", zero_bias: bool = False,
+                     create_graph: bool = False) -> Tensor:
+    """`explain` from the forward recorded in `tape`: no layer is run again. With create_graph the maps are
+    differentiable through the recorded activations (the student path of a training step). Activations recorded
+    under autocast are promoted to the parameters' precision."""
+    tape.check()
+    graph = build_graph(tape.model, tape.image.shape)
+    dtype = _parameter_dtype(tape.model)
+
+    def prepare(t: Tensor) -> Tensor:
+        return (t if create_graph else t.detach()).to(dtype)
+
+    with torch.set_grad_enabled(create_graph), _full_precision(tape.image):
+        captured = {name: (prepare(t), stats) for name, (t, stats) in tape.captured.items()}
+        acts = bind(graph, prepare(tape.image), captured)
+        return _maps(acts, classes, method, layer, rule, zero_bias)
+
+
+def explain_from_features(model: nn.Module, feats: Dict[str, object], classes: Tensor, method: str = "cam",
+                          create_graph: bool = False) -> Tensor:
+    """CAM ("cam") or Grad-CAM at the GAP input ("gradcam" = ReLU(CAM)/(H·W)) from a forward's `feats`, using
+    feats["gap_feat"] and model.get_classifier()."""
+    if method not in ("cam", "gradcam"):
+        raise ValueError(f"explain_from_features method={method!r}: expected 'cam' or 'gradcam' (use record() and "
+                         f"explain_recorded for other methods)")
+    gap_feat = feats["gap_feat"]
+    weight = model.get_classifier().weight
+    classes = _check_classes(classes.to(gap_feat.device), gap_feat.shape[0], weight.shape[0])
+    with torch.set_grad_enabled(create_graph):
+        if not create_graph:
+            gap_feat, weight = gap_feat.detach(), weight.detach()
+        return _gap_maps(gap_feat, weight, classes, method)

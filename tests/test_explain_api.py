@@ -1,0 +1,262 @@
+"""mdistiller.explain API contract: input validation, the reuse entry points, recording safety, differentiability
+of the student path (explain.md §3.4 item 11) and the conservation check's negative control (item 5)."""
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from mdistiller.explain import (
+    build_graph,
+    explain,
+    explain_from_features,
+    explain_recorded,
+    get_composite,
+    get_rule,
+    record,
+)
+from mdistiller.explain import engine
+from mdistiller.explain.adapters import ADAPTERS, adapter
+from mdistiller.explain.engine import Spec, forward, propagate
+from mdistiller.explain.graph import INPUT
+from mdistiller.models import cifar_model_dict
+
+
+def _resnet8(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return cifar_model_dict["resnet8"][0](num_classes=5, **kwargs).double()
+
+
+def _image(batch: int = 2, size: int = 16) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, dtype=torch.float64)
+
+
+CLASSES = torch.tensor([[0, 3], [4, 1]])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"classes": torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)}, "LongTensor of shape"),
+        ({"classes": torch.tensor([0, 1])}, "LongTensor of shape"),
+        ({"classes": torch.tensor([[0], [5]])}, r"values must lie in \[0, 5\)"),
+        ({"method": "saliency"}, "method='saliency'"),
+        ({"method": "cam", "layer": 1}, "defined at layer='gap' only"),
+        ({"method": "lrp", "layer": "layer9"}, "'layer9': not a tensor"),
+        ({"method": "lrp", "layer": 7}, "has 4 stages"),
+        ({"method": "lrp", "rule": "zminus"}, "LRP rule 'zminus'"),
+        ({"method": "lrp", "layer": "pooled_feat"}, "expected a spatial"),
+    ],
+)
+def test_bad_arguments_name_the_culprit(kwargs, message):
+    args = {"classes": CLASSES, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        explain(_resnet8().eval(), _image(), **args)
+
+
+def test_unsupported_model_and_missing_gap_head():
+    with pytest.raises(ValueError, match="no relevance adapter for .*Sequential"):
+        explain(nn.Sequential(nn.Conv2d(3, 4, 3)), _image(), CLASSES)
+    vgg = torchvision.models.vgg11(num_classes=5).eval()
+    with pytest.raises(ValueError, match="no global-average-pooling head"):
+        explain(vgg, _image(size=32).float(), CLASSES, "gradcam", layer="gap")
+    with pytest.raises(ValueError, match="Dropout in training mode"):
+        explain(vgg.train(), _image(size=32).float(), CLASSES, "lrp", layer="input")
+
+
+def test_explain_from_features_equals_explain():
+    model = _resnet8().eval()
+    image = _image()
+    logits, feats = model(image)
+    for method in ("cam", "gradcam"):
+        torch.testing.assert_close(explain_from_features(model, feats, CLASSES, method),
+                                   explain(model, image, CLASSES, method), rtol=1e-12, atol=1e-12)
+    assert not explain_from_features(model, feats, CLASSES, "cam").requires_grad
+    assert explain_from_features(model, feats, CLASSES, "cam", create_graph=True).requires_grad
+    with pytest.raises(ValueError, match="explain_from_features method='lrp'"):
+        explain_from_features(model, feats, CLASSES, "lrp")
+
+
+def test_teacher_path_keeps_no_graph_even_under_enable_grad():
+    model = _resnet8().eval()
+    with torch.enable_grad():
+        for method, layer in (("cam", "gap"), ("gradcam", 1), ("lrp", "input"), ("gradient_input", 2)):
+            maps = explain(model, _image().requires_grad_(), CLASSES, method, layer)
+            assert maps.grad_fn is None and not maps.requires_grad, method
+            with record(model) as tape:
+                model(_image())
+            assert not explain_recorded(tape, CLASSES, method, layer).requires_grad
+
+
+def test_record_refuses_in_place_models_repeated_and_missing_forwards():
+    resnet = torchvision.models.resnet18(num_classes=5).eval()  # `out += identity`, ReLU(inplace=True)
+    with record(resnet) as tape:
+        resnet(_image(size=32).float())
+    with pytest.raises(ValueError, match="modified in place after it was recorded"):
+        explain_recorded(tape, CLASSES, "lrp")
+    model = _resnet8().eval()
+    with pytest.raises(ValueError, match="ran more than once"):
+        with record(model):
+            model(_image())
+            model(_image())
+    with record(model) as tape:
+        pass
+    with pytest.raises(ValueError, match="no forward of ResNet ran inside record"):
+        explain_recorded(tape, CLASSES)
+
+
+@pytest.mark.parametrize("method,layer", [("cam", "gap"), ("gradcam", "gap"), ("gradcam", 1), ("lrp", "gap"),
+                                          ("lrp", 2), ("lrp", "input"), ("gradient_input", 1)])
+def test_student_maps_reach_the_parameters(method, layer):
+    """Item 11: a loss on the student's maps has a non-zero gradient for every parameter the map depends on (here
+    all layers from `layer` up to the head), and the loss of identical maps is 0."""
+    student = _resnet8().train()
+    teacher = _resnet8().eval()
+    image = _image()
+    with record(student) as tape:
+        student(image)
+    maps = explain_recorded(tape, CLASSES, method, layer, create_graph=True)
+    target = explain(teacher, image, CLASSES, method, layer)
+    loss = (maps - target).pow(2).mean() + (1 - nn.functional.cosine_similarity(maps.flatten(2), target.flatten(2),
+                                                                                 dim=-1)).mean()
+    feeding = {"gap": ["layer3.0.conv2.weight", "fc.weight"], 1: ["layer2.0.conv1.weight", "layer3.0.bn2.weight"],
+               2: ["layer3.0.conv1.weight", "fc.weight"], "input": ["conv1.weight", "layer1.0.bn1.bias", "fc.weight"]}
+    params = dict(student.named_parameters())
+    grads = torch.autograd.grad(loss, [params[name] for name in feeding[layer]], allow_unused=True)
+    for name, grad in zip(feeding[layer], grads):
+        assert grad is not None and grad.abs().sum() > 0, f"{method} at {layer}: no gradient for {name}"
+    same = explain_recorded(tape, CLASSES, method, layer, create_graph=True)
+    assert (same - maps).pow(2).mean().item() == 0.0
+
+
+def _positive_bias_free(model: nn.Module) -> nn.Module:
+    """Non-negative, normalised weights and no biases or BN shifts: every z+ normaliser is positive where
+    relevance arrives, so z+ conserves exactly (see test_explain_zoo)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.copy_(m.weight.abs() / m.weight.abs().flatten(1).sum(1).view(-1, *[1] * (m.weight.dim() - 1)))
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.bias.zero_()
+                m.running_mean.zero_()
+    return model.eval()
+
+
+def test_conservation_check_detects_a_doubled_residual_add(monkeypatch):
+    """Negative control: an add that hands its whole relevance to both inputs (what hook-based LRP does at an
+    unhandled `out += residual`) doubles relevance per block, and the per-node check sees the 2.0."""
+    model = _positive_bias_free(_resnet8())
+    image = _image()
+    composite = get_composite("epsilon_plus_flat", epsilon=1e-12, stabilizer=1e-12)
+    acts = forward(build_graph(model, image.shape), image)
+    logit = acts.values["fc"].gather(1, CLASSES)
+
+    def totals(log):
+        return lambda node, r, ins: log.append(
+            (node.op, sum(i.flatten(2).sum(-1) for i in ins) / r.flatten(2).sum(-1)))
+
+    honest, doubled = [], []
+    with torch.no_grad():
+        ratio = propagate(acts, CLASSES, INPUT, Spec("lrp", composite, True), totals(honest)).sum((2, 3, 4)) / logit
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=1e-9, atol=0)
+
+    backward = engine._backward
+    monkeypatch.setattr(engine, "_backward", lambda acts, node, r, spec: [r, r] if node.op == "add"
+                        else backward(acts, node, r, spec))
+    with torch.no_grad():
+        ratio = propagate(acts, CLASSES, INPUT, Spec("lrp", composite, True), totals(doubled)).sum((2, 3, 4)) / logit
+    assert ratio.min() > 1.5
+    add_ratios = torch.stack([r for op, r in doubled if op == "add"])
+    torch.testing.assert_close(add_ratios, torch.full_like(add_ratios, 2.0), rtol=1e-9, atol=0)
+
+
+class SignedNet(nn.Module):
+    """A conv whose output is not rectified feeds a 1x1 conv, so that layer sees signed inputs (like MobileNetV2's
+    linear bottleneck)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 24, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.conv2 = nn.Conv2d(24, 32, 1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        gap = torch.relu(self.conv2(self.bn1(self.conv1(x))))
+        return self.fc(gap.mean((2, 3))), {"gap_feat": gap}
+
+
+@pytest.fixture
+def signed_net_adapter():
+    @adapter(SignedNet)
+    def _signed_net(g, model):
+        g.gap_head(g.relu(g.conv(g.conv(INPUT, "conv1", "bn1"), "conv2")), "fc")
+
+    yield
+    ADAPTERS.pop(SignedNet)
+
+
+@pytest.mark.parametrize("rule", ["zplus", "alpha2beta1", "gamma"])
+def test_sign_aware_rules_conserve_on_signed_inputs(rule, signed_net_adapter):
+    """z+, αβ and γ keep both signs' contributions (x⁺W⁺ + x⁻W⁻), so a layer with signed inputs passes on exactly
+    the relevance it received (TE's Conv2d returns 2x here), and a user adapter plugs into the same engine."""
+    torch.manual_seed(0)
+    model = SignedNet().double().eval()
+    image = _image()
+    composite = get_composite(get_rule(rule), epsilon=1e-12, stabilizer=1e-12)
+    acts = forward(build_graph(model, image.shape), image)
+    assert acts.values["bn1"].min() < 0 < acts.values["bn1"].max()
+    seen = {}
+    with torch.no_grad():
+        propagate(acts, CLASSES, INPUT, Spec("lrp", composite, True),
+                  lambda node, r, ins: seen.setdefault(node.output, (r.flatten(2).sum(-1),
+                                                                     ins[0].flatten(2).sum(-1))))
+    out_total, in_total = seen["conv2"]
+    torch.testing.assert_close(in_total, out_total, rtol=1e-9, atol=0)
+    gap_feat = model(image)[1]["gap_feat"]
+    cam = torch.einsum("bkc,bchw->bkhw", model.fc.weight[CLASSES], gap_feat)
+    torch.testing.assert_close(explain(model, image, CLASSES, "cam"), cam, rtol=1e-12, atol=1e-12)
+
+
+def test_a_teacher_with_folded_batchnorm_gives_the_same_maps():
+    """Distillers fold a frozen teacher's BatchNorm into its convs (mdistiller.models.fold); the graph still reads
+    the original parameters and statistics, and a recorded forward of the folded teacher binds as well."""
+    from mdistiller.models.fold import fold_batchnorm
+
+    for name in ("resnet8", "ShuffleV1"):
+        torch.manual_seed(0)
+        teacher = cifar_model_dict[name][0](num_classes=5).double().eval()
+        with torch.no_grad():
+            for m in teacher.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+        image = _image()
+        expected = {method: explain(teacher, image, CLASSES, method, layer)
+                    for method, layer in (("lrp", "input"), ("gradcam", 1))}
+        assert fold_batchnorm(teacher, image) > 0
+        for (method, layer), maps in zip((("lrp", "input"), ("gradcam", 1)), expected.values()):
+            torch.testing.assert_close(explain(teacher, image, CLASSES, method, layer), maps)
+            with torch.no_grad(), record(teacher) as tape:
+                teacher(image)
+            torch.testing.assert_close(explain_recorded(tape, CLASSES, method, layer), maps)
+
+
+def test_maps_under_autocast_are_computed_in_full_precision():
+    """Under autocast (AMP training) the relevance pass runs in the parameters' float32: `explain` gives the float32
+    maps exactly, and a recorded bfloat16 forward is promoted and explained in float32."""
+    model = _resnet8().float().train()
+    image = _image().float()
+    expected = explain(model, image, CLASSES, "lrp", layer="input")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with record(model) as tape:
+            logits, _ = model(image)
+        assert logits.dtype == torch.bfloat16
+        maps = explain_recorded(tape, CLASSES, "lrp", layer="input", create_graph=True)
+        direct = explain(model, image, CLASSES, "lrp", layer="input")
+    assert maps.dtype == direct.dtype == torch.float32
+    torch.testing.assert_close(direct, expected)
+    # only the recorded activations are bfloat16 (about 3 significant digits)
+    cosine = nn.functional.cosine_similarity(maps.detach().flatten(2), expected.flatten(2), dim=-1)
+    assert cosine.min() > 0.99, cosine
