@@ -133,9 +133,12 @@ def test_runner_respects_dependencies_and_stamps_eval_steps(tmp_path):
 def test_runner_stops_on_a_failing_step_and_names_its_log(tmp_path):
     bad = _python_step(tmp_path, "bad", "print('Epoch:1/3| lr:0.1'); print('boom'); raise SystemExit(4)")
     later = _python_step(tmp_path, "later", "pass", after=[bad])
+    with open(bad.log + ".cmd", "w") as f:  # the stamp of an earlier success of the same command
+        f.write(" ".join(bad.argv))
     with pytest.raises(qs.StepError, match=r"(?s)bad failed \(exit status 4\); log: \S*bad\.log\n.*boom$"):
         qs.Runner(1, 1, _Quiet()).run([bad, later], skip=lambda s: False)
     assert not os.path.exists(later.log)
+    assert not os.path.exists(bad.log + ".cmd")  # a failed or interrupted evaluation never looks finished
 
 
 def test_markdown_table_has_a_row_per_method_and_std_only_over_several_seeds():

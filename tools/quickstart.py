@@ -285,6 +285,9 @@ class Runner:
         self.progress.started(step, note)
         start = time.monotonic()
         last_lines: List[str] = []
+        stamp = step.log + ".cmd"
+        if os.path.exists(stamp):
+            os.remove(stamp)  # an interrupted evaluation must not look finished next time
         with open(step.log, "a") as log:
             log.write("$ " + " ".join(argv) + "\n")
             log.flush()
@@ -303,8 +306,8 @@ class Runner:
             raise StepError(f"{step.name} failed (exit status {code}); log: {step.log}\n    "
                             + "\n    ".join(last_lines))
         if step.cfg is None:
-            with open(step.log + ".cmd", "w") as stamp:
-                stamp.write(" ".join(step.argv))
+            with open(stamp, "w") as f:
+                f.write(" ".join(step.argv))
         summary = ""
         if step.cfg is not None:
             acc = read_accuracies(step)
