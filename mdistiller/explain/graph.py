@@ -6,8 +6,8 @@ forward and send relevance or gradients back through every op. Ops:
 
 - "conv" / "linear": a Conv2d / Linear, optionally followed by the BatchNorm folded into it; a BatchNorm alone is a
   depthwise 1x1 "conv" whose parameters are its affine map (role "bn").
-- "act" (relu, relu6), "add", "cat", "slice" (one side of a channel split), "shuffle" (channel shuffle), "avgpool", "maxpool",
-  "gap" (spatial mean to [B, C]), "flatten".
+- "act" (relu, relu6), "add", "cat", "slice" (one side of a channel split), "shuffle" (channel shuffle),
+  "avgpool", "maxpool", "gap" (spatial mean to [B, C]), "flatten".
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
