@@ -2,8 +2,13 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from mdistiller.dataset.synthetic import write_cifar100, write_image_folder
+
+# The suite's models are tiny: one intra-op thread is faster than two and keeps subprocess tests (DDP, CLI) from
+# oversubscribing a 2-core CI machine.
+torch.set_num_threads(1)
 
 IMAGE_FOLDER_CLASSES = ("n01440764", "n01443537", "n01484850")
 

@@ -4,7 +4,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import FeatureDistiller
 from ._common import match_spatial
 
 
@@ -23,20 +23,12 @@ def at_loss(g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor], p: float) 
     return sum(single_stage_at_loss(f_s, f_t, p) for f_s, f_t in zip(g_s, g_t))
 
 
-class AT(Distiller):
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher)
-        self.p = cfg.AT.P
-        self.ce_loss_weight = cfg.AT.LOSS.CE_WEIGHT
-        self.feat_loss_weight = cfg.AT.LOSS.FEAT_WEIGHT
+class AT(FeatureDistiller):
+    cfg_node = "AT"
 
-    def forward_train(self, image, target, **kwargs):
-        logits_student, feature_student = self.student(image)
-        with torch.no_grad():
-            _, feature_teacher = self.teacher(image)
-        losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
-            "loss_kd": self.feat_loss_weight
-            * at_loss(feature_student["feats"][1:], feature_teacher["feats"][1:], self.p),
-        }
-        return logits_student, losses_dict
+    def __init__(self, student, teacher, cfg):
+        super().__init__(student, teacher, cfg)
+        self.p = cfg.AT.P
+
+    def feature_loss(self, feats_student, feats_teacher):
+        return at_loss(feats_student["feats"][1:], feats_teacher["feats"][1:], self.p)

@@ -5,7 +5,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import FeatureDistiller
 from ._common import match_spatial
 
 
@@ -55,20 +55,12 @@ def kdsvd_loss(g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor], k: int)
     return sum(losses) / g_s[0].shape[0]
 
 
-class KDSVD(Distiller):
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher)
-        self.k = cfg.KDSVD.K
-        self.ce_loss_weight = cfg.KDSVD.LOSS.CE_WEIGHT
-        self.feat_loss_weight = cfg.KDSVD.LOSS.FEAT_WEIGHT
+class KDSVD(FeatureDistiller):
+    cfg_node = "KDSVD"
 
-    def forward_train(self, image, target, **kwargs):
-        logits_student, feature_student = self.student(image)
-        with torch.no_grad():
-            _, feature_teacher = self.teacher(image)
-        losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
-            "loss_kd": self.feat_loss_weight
-            * kdsvd_loss(feature_student["feats"][1:], feature_teacher["feats"][1:], self.k),
-        }
-        return logits_student, losses_dict
+    def __init__(self, student, teacher, cfg):
+        super().__init__(student, teacher, cfg)
+        self.k = cfg.KDSVD.K
+
+    def feature_loss(self, feats_student, feats_teacher):
+        return kdsvd_loss(feats_student["feats"][1:], feats_teacher["feats"][1:], self.k)

@@ -1,8 +1,7 @@
 """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018): match cosine-similarity distributions."""
 import torch
-import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import FeatureDistiller
 
 
 def _similarity_distribution(f: torch.Tensor, eps: float) -> torch.Tensor:
@@ -20,19 +19,8 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
     return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps)))
 
 
-class PKT(Distiller):
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher)
-        self.ce_loss_weight = cfg.PKT.LOSS.CE_WEIGHT
-        self.feat_loss_weight = cfg.PKT.LOSS.FEAT_WEIGHT
+class PKT(FeatureDistiller):
+    cfg_node = "PKT"
 
-    def forward_train(self, image, target, **kwargs):
-        logits_student, feature_student = self.student(image)
-        with torch.no_grad():
-            _, feature_teacher = self.teacher(image)
-        losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
-            "loss_kd": self.feat_loss_weight
-            * pkt_loss(feature_student["pooled_feat"], feature_teacher["pooled_feat"]),
-        }
-        return logits_student, losses_dict
+    def feature_loss(self, feats_student, feats_teacher):
+        return pkt_loss(feats_student["pooled_feat"], feats_teacher["pooled_feat"])

@@ -4,7 +4,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import FeatureDistiller
 
 
 def _normalised_gram(f: torch.Tensor) -> torch.Tensor:
@@ -22,19 +22,8 @@ def sp_loss(g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor]) -> torch.T
     return sum(similarity_loss(f_s, f_t) for f_s, f_t in zip(g_s, g_t))
 
 
-class SP(Distiller):
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher)
-        self.ce_loss_weight = cfg.SP.LOSS.CE_WEIGHT
-        self.feat_loss_weight = cfg.SP.LOSS.FEAT_WEIGHT
+class SP(FeatureDistiller):
+    cfg_node = "SP"
 
-    def forward_train(self, image, target, **kwargs):
-        logits_student, feature_student = self.student(image)
-        with torch.no_grad():
-            _, feature_teacher = self.teacher(image)
-        losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
-            "loss_kd": self.feat_loss_weight
-            * sp_loss([feature_student["feats"][-1]], [feature_teacher["feats"][-1]]),
-        }
-        return logits_student, losses_dict
+    def feature_loss(self, feats_student, feats_teacher):
+        return sp_loss([feats_student["feats"][-1]], [feats_teacher["feats"][-1]])

@@ -88,3 +88,29 @@ class Vanilla(nn.Module):
         if self.training:
             return self.forward_train(**kwargs)
         return self.forward_test(kwargs["image"])
+
+
+class FeatureDistiller(Distiller):
+    """CE plus FEAT_WEIGHT times a loss between student and teacher features (AT, NST, SP, PKT, KDSVD).
+
+    Subclasses name their config node (which has LOSS.CE_WEIGHT and LOSS.FEAT_WEIGHT) and define `feature_loss`."""
+
+    cfg_node = ""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
+        super().__init__(student, teacher)
+        self.ce_loss_weight = cfg[self.cfg_node].LOSS.CE_WEIGHT
+        self.feat_loss_weight = cfg[self.cfg_node].LOSS.FEAT_WEIGHT
+
+    def feature_loss(self, feats_student: dict, feats_teacher: dict):
+        raise NotImplementedError()
+
+    def forward_train(self, image, target, **kwargs):
+        logits_student, feats_student = self.student(image)
+        with torch.no_grad():
+            _, feats_teacher = self.teacher(image)
+        losses_dict = {
+            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_kd": self.feat_loss_weight * self.feature_loss(feats_student, feats_teacher),
+        }
+        return logits_student, losses_dict
