@@ -41,6 +41,7 @@ def train(cfg_path: str, resume: bool, opts: List[str]) -> None:
     print(log_msg("Extra parameters of {}: {}".format(cfg.DISTILLER.TYPE, distiller.get_extra_parameters()), "INFO"))
     trainer = trainer_dict[cfg.SOLVER.TRAINER](name, distiller, train_loader, val_loader, cfg, tags=tags)
     trainer.train(resume=resume)
+    distributed.shutdown()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -51,6 +51,13 @@ def init_from_env() -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Wait for every rank, then leave the process group: a rank that exits with gloo's threads alive aborts (SIGABRT)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (no-op in a single process)."""
     if is_distributed():
