@@ -25,7 +25,9 @@ def _check_classes(classes: Tensor, batch: int, num_classes: int) -> Tensor:
     if classes.dtype != torch.long or classes.dim() != 2 or classes.shape[0] != batch:
         raise ValueError(f"explain classes: expected a LongTensor of shape ({batch}, K), got {classes.dtype} "
                          f"{tuple(classes.shape)}")
-    if classes.numel() and (classes.min() < 0 or classes.max() >= num_classes):
+    # The range check reads values back to the host: done on CPU only, so a training step on an accelerator keeps no
+    # host synchronisation (there an out-of-range index fails in the weight gather instead).
+    if classes.device.type == "cpu" and classes.numel() and (classes.min() < 0 or classes.max() >= num_classes):
         raise ValueError(f"explain classes: values must lie in [0, {num_classes}), got [{int(classes.min())}, "
                          f"{int(classes.max())}]")
     return classes
