@@ -1,4 +1,5 @@
 """Shared fixtures: small generated data sets in the real on-disk layouts (see mdistiller/dataset/synthetic.py)."""
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,18 @@ from mdistiller.dataset.synthetic import write_cifar100, write_image_folder
 torch.set_num_threads(1)
 
 IMAGE_FOLDER_CLASSES = ("n01440764", "n01443537", "n01484850")
+
+
+@pytest.fixture(autouse=True)
+def no_child_process_left_running():
+    """Fails the test that leaves a child process running (and kills it): multiprocessing joins its children when
+    the interpreter exits, so one that never ends (a loader worker ignoring SIGTERM) hangs the suite after it passed."""
+    yield
+    left = multiprocessing.active_children()
+    for child in left:
+        child.kill()
+        child.join(10)
+    assert not left, f"child processes left running: {left}"
 
 
 @pytest.fixture(scope="session")

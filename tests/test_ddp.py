@@ -95,7 +95,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save({"losses": mean_losses.tolist(), "weights": weights}, out)
     finally:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
 
 def test_ddp_step_matches_single_process_on_the_global_batch(tmp_path):

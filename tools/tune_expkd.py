@@ -20,7 +20,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from mdistiller.dataset import get_dataset
+from mdistiller.dataset import batches, get_dataset
 from mdistiller.distillers import distiller_dict
 from mdistiller.engine.cfg import CFG
 from mdistiller.models import cifar_model_dict
@@ -54,10 +54,11 @@ def evaluate(model: torch.nn.Module, loader, size: int) -> float:
     model.eval()
     correct = total = 0
     with torch.no_grad():
-        for image, target, *_ in loader:
-            image = resized(image, size)
-            correct += (model(image)[0].argmax(1) == target).sum().item()
-            total += target.numel()
+        with batches(loader) as stream:
+            for image, target, *_ in stream:
+                image = resized(image, size)
+                correct += (model(image)[0].argmax(1) == target).sum().item()
+                total += target.numel()
     return 100.0 * correct / total
 
 
@@ -68,17 +69,18 @@ def fit(module, params, loader, steps: int, lr: float, size: int, forward) -> No
     while step < steps:
         epoch += 1
         module.train()
-        for image, target, *_ in loader:
-            if step == int(0.75 * steps):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.1
-            loss = forward(resized(image, size), target, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step == steps:
-                return
+        with batches(loader) as stream:
+            for image, target, *_ in stream:
+                if step == int(0.75 * steps):
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * 0.1
+                loss = forward(resized(image, size), target, epoch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if step == steps:
+                    return
 
 
 def teacher_model(args, num_classes: int) -> torch.nn.Module:

@@ -9,10 +9,10 @@ from typing import Tuple
 from torch.utils.data import DataLoader, Subset
 
 from . import cifar100, digits, imagenet, tiny_imagenet
-from ._common import DatasetError, Instance, InstanceSample, make_loader, split_train
+from ._common import DatasetError, Instance, InstanceSample, batches, make_loader, split_train
 from .device_loader import DeviceLoader
 
-__all__ = ["DatasetError", "get_dataset", "get_val_loader", "DATASETS"]
+__all__ = ["DatasetError", "batches", "get_dataset", "get_val_loader", "DATASETS"]
 
 # DATASET.TYPE -> (module with NUM_CLASSES, train_transform, test_transform; its split dataset class)
 DATASETS = {

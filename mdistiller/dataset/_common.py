@@ -1,6 +1,7 @@
 """Pieces every data set shares: the error type, fixed train splits, the index/CRD wrappers and the loaders."""
+import contextlib
 import signal
-from typing import Optional, Sequence, Tuple
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -127,6 +128,20 @@ def ignore_stop_signals(worker_id: int) -> None:
     at a step boundary (engine/signals.py); a worker dying under it would turn a clean stop into a loader error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def batches(loader: Iterable) -> Iterator[Iterator]:
+    """`with batches(loader) as stream: for batch in stream: ...`, which stops the loader's worker processes however
+    the loop ends. An error leaves the DataLoader iterator referenced from its traceback, and its workers ignore
+    SIGTERM (above): without this they outlive the loop and the interpreter's exit, which joins them, never ends."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown_workers = getattr(iterator, "_shutdown_workers", None)  # DataLoader's multi-process iterator
+        if shutdown_workers is not None:
+            shutdown_workers()
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:

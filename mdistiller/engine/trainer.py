@@ -18,6 +18,7 @@ from .config import ConfigError, dump_cfg
 from .lock import RunLock
 from .rng import capture_rng_state, restore_rng_state
 from .signals import GracefulStop
+from ..dataset._common import batches
 from .utils import REFRESH_SECONDS, adjust_learning_rate, correct_counts, log_msg, progress_bar, validate
 
 
@@ -259,15 +260,16 @@ class BaseTrainer:
         last_refresh = time.monotonic()
         self.distiller.train()
         try:
-            for data in self.train_loader:
-                self.train_iter(data, epoch, meters)
-                self.stop.check(epoch, meters.steps, os.path.join(self.log_path, "latest"))
-                pbar.update()
-                if time.monotonic() - last_refresh >= REFRESH_SECONDS:
-                    stats = meters.summary()
-                    pbar.set_description(log_msg("Epoch:{}| Loss:{:.4f}| Top-1:{:.3f}| img/s:{:.0f}".format(
-                        epoch, stats["loss"], stats["top1"], stats["img_per_s"]), "TRAIN"), refresh=False)
-                    last_refresh = time.monotonic()
+            with batches(self.train_loader) as stream:
+                for data in stream:
+                    self.train_iter(data, epoch, meters)
+                    self.stop.check(epoch, meters.steps, os.path.join(self.log_path, "latest"))
+                    pbar.update()
+                    if time.monotonic() - last_refresh >= REFRESH_SECONDS:
+                        stats = meters.summary()
+                        pbar.set_description(log_msg("Epoch:{}| Loss:{:.4f}| Top-1:{:.3f}| img/s:{:.0f}".format(
+                            epoch, stats["loss"], stats["top1"], stats["img_per_s"]), "TRAIN"), refresh=False)
+                        last_refresh = time.monotonic()
             stats = meters.summary()
             bad_parameter = first_non_finite_parameter(self.distiller)
             if bad_parameter is not None:

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..dataset._common import batches
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401  (upstream imports them from here)
 
 # Seconds between two refreshes of a live progress bar; also the longest a NaN can go unnoticed.
@@ -97,21 +98,22 @@ def validate(val_loader, distiller: nn.Module) -> Tuple[float, float, float]:
     last_refresh = time.monotonic()
     distiller.eval()
     with torch.no_grad():
-        for batch in val_loader:
-            image, target = unpack_eval_batch(batch)
-            image = image.float().to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            output = distiller(image=image)
-            batch_size = image.size(0)
-            loss = F.cross_entropy(output, target, reduction="sum").reshape(1)
-            sums += torch.cat([loss, correct_counts(output, target, (1, 5))]).double()
-            count += batch_size
-            pbar.update()
-            if not pbar.disable and time.monotonic() - last_refresh >= REFRESH_SECONDS:
-                loss_sum, c1, c5 = sums.tolist()
-                message = "Top-1:{:.3f}| Top-5:{:.3f}".format(100 * c1 / count, 100 * c5 / count)
-                pbar.set_description(log_msg(message, "EVAL"))
-                last_refresh = time.monotonic()
+        with batches(val_loader) as stream:
+            for batch in stream:
+                image, target = unpack_eval_batch(batch)
+                image = image.float().to(device, non_blocking=True)
+                target = target.to(device, non_blocking=True)
+                output = distiller(image=image)
+                batch_size = image.size(0)
+                loss = F.cross_entropy(output, target, reduction="sum").reshape(1)
+                sums += torch.cat([loss, correct_counts(output, target, (1, 5))]).double()
+                count += batch_size
+                pbar.update()
+                if not pbar.disable and time.monotonic() - last_refresh >= REFRESH_SECONDS:
+                    loss_sum, c1, c5 = sums.tolist()
+                    message = "Top-1:{:.3f}| Top-5:{:.3f}".format(100 * c1 / count, 100 * c5 / count)
+                    pbar.set_description(log_msg(message, "EVAL"))
+                    last_refresh = time.monotonic()
     pbar.close()
     totals = all_reduce_sum(torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=device)]))
     loss_sum, c1, c5, count = totals.tolist()
