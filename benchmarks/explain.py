@@ -6,18 +6,18 @@ For each model, method, layer and K (classes per sample):
   maps (the full derivative, rule normalisers included).
 CAM uses `explain_from_features` (no recording). Times are medians over --repeats runs (CPU: process CPU time, so a
 busy machine does not inflate them; CUDA: synchronised wall time). Peak memory is measured in a fresh process per
-configuration (CPU: peak RSS growth; CUDA: peak allocated growth) and divided by the peak growth of the baseline step,
-i.e. the step's activation memory. Prints one JSON document.
+configuration (CPU: peak growth of torch's allocated bytes, from the profiler's memory events; CUDA: peak allocated
+growth) and divided by the peak growth of the baseline step, i.e. the step's activation memory. Prints one JSON document.
 
     python benchmarks/explain.py --models resnet32x4 resnet8x4 --batch 64 --ks 1 5 30 100
 """
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from typing import Dict, List
@@ -68,10 +68,26 @@ def _step(cfg: Dict, model, image, target) -> None:
     if method == "cam":
         maps = explain_from_features(model, feats, classes, "cam", create_graph=student)
     else:
-        maps = explain_recorded(tape, classes, method, layer, create_graph=student)
+        maps = explain_recorded(tape, classes, method, layer, create_graph=student, recompute=cfg["recompute"])
     if student:
         (F.cross_entropy(logits, target) + maps.pow(2).mean()).backward()
         model.zero_grad(set_to_none=True)
+
+
+def _cpu_peak_bytes(fn) -> int:
+    """Peak growth of the bytes held by torch's CPU allocator while fn() runs, read from the profiler's memory
+    events: the CPU counterpart of CUDA's max_memory_allocated (RSS would count the C allocator's cached pages)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as trace:
+            events = [e["args"] for e in json.load(trace)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
 
 
 def run_one(cfg: Dict, device: torch.device, repeats: int) -> Dict:
@@ -82,9 +98,8 @@ def run_one(cfg: Dict, device: torch.device, repeats: int) -> Dict:
         _step(cfg, model, image, target)
         peak = torch.cuda.max_memory_allocated(device) - before
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        _step(cfg, model, image, target)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        _step(cfg, model, image, target)  # warm: one-off allocations (thread pools, kernels) are not the step's
+        peak = _cpu_peak_bytes(lambda: _step(cfg, model, image, target))
     times = []
     for _ in range(repeats):
         start = _clock(device)
@@ -109,13 +124,15 @@ def _configs(args) -> List[Dict]:
     """Every configuration, and those skipped because one [B, K, C, H, W] relevance tensor alone would exceed the
     memory limit (each layer below the map's holds one such tensor during the walk; the student path keeps them)."""
     run, skipped = [], []
+    recompute = not args.no_recompute
     for model in args.models:
         run.append({"model": model, "batch": args.batch, "method": "baseline", "layer": None, "k": 0, "path": None})
         for method, layer in (m.split("@") for m in args.methods):
             numel = _layer_numel(model, layer)
             for k in args.ks:
                 for path in ("teacher", "student"):
-                    cfg = {"model": model, "batch": args.batch, "method": method, "layer": layer, "k": k, "path": path}
+                    cfg = {"model": model, "batch": args.batch, "method": method, "layer": layer, "k": k, "path": path,
+                           "recompute": recompute}
                     size_gb = args.batch * k * numel * 4 / 2 ** 30 if method != "cam" else 0.0
                     limit = args.max_teacher_gb if path == "teacher" else args.max_student_gb
                     if size_gb > limit:
@@ -136,6 +153,8 @@ def main() -> None:
     parser.add_argument("--max-student-gb", type=float, default=0.25,
                         help="the same for the student path, which keeps these tensors for the backward")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="student path: keep every intermediate of the walk instead of recomputing it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()

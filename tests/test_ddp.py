@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mdistiller.engine import distributed
+from mdistiller.engine.checkpoint import save_checkpoint
 from mdistiller.engine.config import load_cfg
 from mdistiller.engine.speed import StepPrecision
 from mdistiller.engine.trainer import BaseTrainer, TrainMeters
@@ -147,3 +148,22 @@ def test_torchrun_two_processes_train_one_epoch_with_one_set_of_checkpoints_and_
     assert torch.load(run / "latest", weights_only=False)["epoch"] == 2
     worklog = (run / "worklog.txt").read_text()
     assert worklog.count("epoch: 1") == 1 and worklog.count("epoch: 2") == 1
+
+
+def test_resume_restores_the_fp16_grad_scaler(tmp_path):
+    """SOLVER.AMP fp16 keeps a GradScaler whose scale adapts over training: `latest` carries it, --resume restores it
+    (a fresh scale would skip steps again until it re-adapts). The CPU scaler stands in for CUDA's, same API."""
+    cfg = _cfg()
+    trainers = []
+    for init_scale in (1024.0, 2.0):
+        trainer = _step_trainer(_build_distiller(cfg), cfg)
+        trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        trainer.train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_batch()), batch_size=4)
+        trainer.log_path = str(tmp_path)
+        trainer.best_acc, trainer.best_epoch, trainer.last_acc = 0.0, 0, 0.0
+        trainers.append(trainer)
+    trainers[0].precision.scaler.scale(torch.ones(()))  # the scale tensor exists from the first scaled loss on
+    trainers[0].precision.scaler.update(new_scale=512.0)
+    save_checkpoint(trainers[0].checkpoint_state(3), str(tmp_path / "latest"))
+    assert trainers[1].resume() == 4
+    assert trainers[1].precision.scaler.get_scale() == 512.0

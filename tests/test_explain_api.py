@@ -260,3 +260,39 @@ def test_maps_under_autocast_are_computed_in_full_precision():
     # only the recorded activations are bfloat16 (about 3 significant digits)
     cosine = nn.functional.cosine_similarity(maps.detach().flatten(2), expected.flatten(2), dim=-1)
     assert cosine.min() > 0.99, cosine
+
+
+@pytest.mark.parametrize("name", ["resnet8", "ShuffleV2", "vgg8", "MobileNetV2", "wrn_16_1"])
+def test_recomputed_walk_gives_the_same_maps_and_gradients(name):
+    """`recompute` (activation checkpointing of the differentiable walk) changes memory and time, nothing else: the
+    maps and the gradients of a loss on them match the walk that keeps every intermediate."""
+    torch.manual_seed(0)
+    model = cifar_model_dict[name][0](num_classes=5).double().train()
+    image = _image(batch=3, size=32)
+    classes = torch.tensor([[0, 3], [4, 1], [2, 2]])
+    results = []
+    for recompute in (True, False):
+        with record(model) as tape:
+            logits, _ = model(image)
+        maps = explain_recorded(tape, classes, "lrp", "input", create_graph=True, recompute=recompute)
+        loss = maps.pow(2).mean() + logits.sum()
+        results.append((maps.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    (maps_a, grads_a), (maps_b, grads_b) = results
+    torch.testing.assert_close(maps_a, maps_b, rtol=1e-10, atol=1e-12)
+    for (param_name, _), grad_a, grad_b in zip(model.named_parameters(), grads_a, grads_b):
+        torch.testing.assert_close(grad_a, grad_b, rtol=1e-8, atol=1e-12, msg=param_name)
+
+
+def test_recorded_maps_reuse_the_models_own_activations():
+    """The recorded path keeps no second copy of an activation the model made: the tensor a conv read is the one the
+    relevance graph uses (only sums and the like are recomputed)."""
+    model = _resnet8().eval()
+    with record(model) as tape:
+        model(_image())
+    graph = build_graph(model, _image().shape)
+    acts = engine.bind(graph, tape.image, tape.captured, tape.inputs)
+    conv_inputs = {id(t) for t in tape.inputs.values()}
+    reused = [node.output for node in graph.nodes if node.op == "act" and id(acts.values[node.output]) in conv_inputs]
+    relus_read_by_convs = [node.output for node in graph.nodes if node.op == "act" and any(
+        other.op in ("conv", "linear") and other.inputs[0] == node.output for other in graph.nodes)]
+    assert relus_read_by_convs and reused == relus_read_by_convs

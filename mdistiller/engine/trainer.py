@@ -176,8 +176,9 @@ class BaseTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self, epoch: int) -> Dict:
-        """Upstream's full checkpoint ({epoch, model with `module.` keys, optimizer, best_acc}) plus resume extras."""
-        return {
+        """Upstream's full checkpoint ({epoch, model with `module.` keys, optimizer, best_acc}) plus resume extras
+        (RNG states; with SOLVER.AMP fp16, the GradScaler's scale and growth tracker)."""
+        state = {
             "epoch": epoch,
             "model": add_prefix(self.distiller.state_dict()),
             "optimizer": self.optimizer.state_dict(),
@@ -186,6 +187,9 @@ class BaseTrainer:
             "last_acc": self.last_acc,
             "rng_state": capture_rng_state(self.train_loader),
         }
+        if self.precision.scaler is not None:
+            state["grad_scaler"] = self.precision.scaler.state_dict()
+        return state
 
     def save_checkpoints(self, epoch: int, test_acc: float) -> None:
         if not self.main:
@@ -216,6 +220,8 @@ class BaseTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{path}: optimizer state does not match this config: {error}") from None
+        if self.precision.scaler is not None and state.get("grad_scaler"):
+            self.precision.scaler.load_state_dict(state["grad_scaler"])
         self.best_acc = float(state.get("best_acc", -1.0))
         self.best_epoch = int(state.get("best_epoch", 0))
         self.last_acc = float(state.get("last_acc", -1.0))

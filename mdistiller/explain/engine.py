@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .graph import BATCHNORMS, INPUT, Graph, Node
 from .rules import Composite, Rule, Term, stabilize
@@ -177,14 +178,23 @@ def forward(graph: Graph, image: Tensor) -> Activations:
     return acts
 
 
-def bind(graph: Graph, image: Tensor, captured: Dict[str, Tuple[Tensor, bool]]) -> Activations:
+def bind(graph: Graph, image: Tensor, captured: Dict[str, Tuple[Tensor, bool]],
+         inputs: Optional[Dict[str, Tensor]] = None) -> Activations:
     """Activations of a forward the model ran itself: conv/linear/BN outputs are the recorded tensors (no layer is
-    recomputed), elementwise and pooling ops are re-applied to them."""
+    recomputed). Elementwise and pooling ops are re-applied to them, except where the op's result is the recorded
+    input of a conv/linear layer (`inputs`, by module name): that tensor is used, so no activation is held twice."""
+    inputs = inputs or {}
+    read_by = {}
+    for node in graph.nodes:
+        if node.op in ("conv", "linear") and node.modules[0] in inputs:
+            recorded = inputs[node.modules[0]]
+            read_by.setdefault(node.inputs[0], recorded.flatten(1) if node.op == "linear" else recorded)
     acts = Activations(graph, {INPUT: image})
     for node in graph.nodes:
         xs = [acts.values[key] for key in node.inputs]
         if node.op not in ("conv", "linear"):
-            acts.values[node.output] = _forward_functional(node, xs)
+            recorded = read_by.get(node.output)
+            acts.values[node.output] = _forward_functional(node, xs) if recorded is None else recorded
             continue
         for name in node.modules:
             if name not in captured:
@@ -388,13 +398,23 @@ def _backward(acts: Activations, node: Node, r: Tensor, spec: Spec) -> List[Tens
     raise ValueError(f"relevance graph: unknown op {op!r} at {node.output}")
 
 
+def _recomputed(acts: Activations, node: Node, r: Tensor, spec: Spec) -> List[Tensor]:
+    """`_backward` under activation checkpointing: a differentiable walk keeps only each layer's relevance for the
+    double backward and recomputes the rule's intermediates (normalisers, modified weights and inputs) there, so the
+    student path's memory stays near that of the relevance tensors themselves."""
+    if node.op in ("conv", "linear"):
+        acts.params(node)  # folded outside: the cached (W', b') must be the same tensors in the recomputation
+    return checkpoint(lambda relevance: _backward(acts, node, relevance, spec), r, use_reentrant=False)
+
+
 def propagate(acts: Activations, classes: Tensor, target: str, spec: Spec,
-              observer: Optional[Observer] = None) -> Tensor:
+              observer: Optional[Observer] = None, recompute: bool = False) -> Tensor:
     """Relevance or gradient [B, K, *shape of target] of the classes at tensor `target`.
 
     Nodes are visited in reverse down to the op that made `target` (its consumers all come later, so its relevance
     is complete there); relevance reaching a tensor read by several ops (a residual fork) is summed.
     `observer(node, out_relevance, in_relevances)` sees every step (tests use it to check conservation).
+    `recompute`: checkpoint each step of a differentiable walk (see `_recomputed`).
     """
     graph = acts.graph
     pending = {graph.head.inputs[0]: _head(acts, classes, spec)}
@@ -404,7 +424,7 @@ def propagate(acts: Activations, classes: Tensor, target: str, spec: Spec,
         r = pending.pop(node.output, None)
         if r is None:
             continue
-        ins = _backward(acts, node, r, spec)
+        ins = _recomputed(acts, node, r, spec) if recompute and r.requires_grad else _backward(acts, node, r, spec)
         if observer is not None:
             observer(node, r, ins)
         for key, contribution in zip(node.inputs, ins):

@@ -44,7 +44,7 @@ def _gap_maps(gap_feat: Tensor, weight: Tensor, classes: Tensor, method: str) ->
 
 
 def _maps(acts: Activations, classes: Tensor, method: str, layer: Union[str, int], rule: RuleLike,
-          zero_bias: bool) -> Tensor:
+          zero_bias: bool, recompute: bool) -> Tensor:
     graph = acts.graph
     if method not in METHODS:
         raise ValueError(f"explain method={method!r}: expected one of {METHODS}")
@@ -56,7 +56,7 @@ def _maps(acts: Activations, classes: Tensor, method: str, layer: Union[str, int
     if method in ("cam", "gradcam") and target == graph.gap:
         return _gap_maps(acts.values[target], acts.params(graph.head)[0], classes, method)
     spec = Spec("lrp", get_composite(rule), zero_bias) if method == "lrp" else Spec("grad")
-    r = propagate(acts, classes, target, spec)
+    r = propagate(acts, classes, target, spec, recompute=recompute)
     if r.dim() != 5:
         raise ValueError(f"explain layer={layer!r}: tensor {target!r} has shape {tuple(r.shape[2:])}, expected a "
                          f"spatial (C, H, W) map")
@@ -69,7 +69,8 @@ def _maps(acts: Activations, classes: Tensor, method: str, layer: Union[str, int
 
 
 def explain(model: nn.Module, image: Tensor, classes: Tensor, method: str = "cam", layer: Union[str, int] = "gap",
-            rule: RuleLike = "epsilon_plus_flat", zero_bias: bool = False, create_graph: bool = False) -> Tensor:
+            rule: RuleLike = "epsilon_plus_flat", zero_bias: bool = False, create_graph: bool = False,
+            recompute: bool = True) -> Tensor:
     """Explanation maps [B, K, H, W] of `classes` (LongTensor [B, K]) for `image`.
 
     method: "cam" (raw CAM on gap_feat), "gradcam", "lrp" (relevance seeded with the logit, summed over channels),
@@ -78,12 +79,14 @@ def explain(model: nn.Module, image: Tensor, classes: Tensor, method: str = "cam
     no relevance, so it is conserved. create_graph: the maps are differentiable with respect to the parameters (and
     the image); otherwise no graph is kept. The model is run through its relevance graph, which never changes
     parameters, buffers or gradients (in train mode BatchNorm uses batch statistics without updating running ones).
+    recompute: with create_graph, keep only each layer's relevance for the backward and recompute the rules'
+    intermediates there (activation checkpointing: less memory, about one more relevance pass of time).
     """
     graph = build_graph(model, image.shape)
     dtype = _parameter_dtype(model)
     with torch.set_grad_enabled(create_graph), _full_precision(image):
         acts = forward(graph, (image if create_graph else image.detach()).to(dtype))
-        return _maps(acts, classes, method, layer, rule, zero_bias)
+        return _maps(acts, classes, method, layer, rule, zero_bias, recompute)
 
 
 def _parameter_dtype(model: nn.Module) -> torch.dtype:
@@ -97,20 +100,26 @@ def _full_precision(like: Tensor):
 
 
 class Tape:
-    """Outputs of every Conv2d / Linear / BatchNorm (with whether a BN used batch statistics) of one forward."""
+    """Outputs of every Conv2d / Linear / BatchNorm (with whether a BN used batch statistics) of one forward, and
+    the inputs of every Conv2d / Linear: the model's own activations, which the relevance graph then reuses instead
+    of recomputing them (a training step keeps them for its backward anyway)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.image: Optional[Tensor] = None
         self.captured: Dict[str, Tuple[Tensor, bool]] = {}
-        self._versions: Dict[str, int] = {}
+        self.inputs: Dict[str, Tensor] = {}
+        self._versions: Dict[Tuple[str, str], int] = {}
         self._calls: Dict[str, int] = {}
 
-    def _store(self, name: str, module: nn.Module, output: Tensor) -> None:
+    def _store(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._calls[name] = self._calls.get(name, 0) + 1
         uses_batch = isinstance(module, BATCHNORMS) and (module.training or module.running_mean is None)
         self.captured[name] = (output, uses_batch)
-        self._versions[name] = output._version
+        self._versions[(name, "output")] = output._version
+        if not isinstance(module, BATCHNORMS) and args and isinstance(args[0], Tensor):
+            self.inputs[name] = args[0]
+            self._versions[(name, "input")] = args[0]._version
 
     def check(self) -> None:
         if self.image is None:
@@ -119,8 +128,10 @@ class Tape:
             if calls > 1:
                 raise ValueError(f"explain_recorded: module {name} ran {calls} times in the recorded forward; "
                                  f"record exactly one forward")
-            if self.captured[name][0]._version != self._versions[name]:
-                raise ValueError(f"explain_recorded: the output of {name} was modified in place after it was "
+        for (name, kind), version in self._versions.items():
+            tensor = self.captured[name][0] if kind == "output" else self.inputs[name]
+            if tensor._version != version:
+                raise ValueError(f"explain_recorded: the {kind} of {name} was modified in place after it was "
                                  f"recorded; use explain() for models with in-place ops")
 
 
@@ -139,7 +150,7 @@ def record(model: nn.Module) -> Iterator[Tape]:
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear) + BATCHNORMS):
             handles.append(module.register_forward_hook(
-                lambda m, args, output, name=name: tape._store(name, m, output)))
+                lambda m, args, output, name=name: tape._store(name, m, args, output)))
     try:
         yield tape
     finally:
@@ -149,7 +160,7 @@ def record(model: nn.Module) -> Iterator[Tape]:
 
 def explain_recorded(tape: Tape, classes: Tensor, method: str = "cam", layer: Union[str, int] = "gap",
                      rule: RuleLike = "epsilon_plus_flat", zero_bias: bool = False,
-                     create_graph: bool = False) -> Tensor:
+                     create_graph: bool = False, recompute: bool = True) -> Tensor:
     """`explain` from the forward recorded in `tape`: no layer is run again. With create_graph the maps are
     differentiable through the recorded activations (the student path of a training step). Activations recorded
     under autocast are promoted to the parameters' precision."""
@@ -162,8 +173,9 @@ def explain_recorded(tape: Tape, classes: Tensor, method: str = "cam", layer: Un
 
     with torch.set_grad_enabled(create_graph), _full_precision(tape.image):
         captured = {name: (prepare(t), stats) for name, (t, stats) in tape.captured.items()}
-        acts = bind(graph, prepare(tape.image), captured)
-        return _maps(acts, classes, method, layer, rule, zero_bias)
+        inputs = {name: prepare(t) for name, t in tape.inputs.items()}
+        acts = bind(graph, prepare(tape.image), captured, inputs)
+        return _maps(acts, classes, method, layer, rule, zero_bias, recompute)
 
 
 def explain_from_features(model: nn.Module, feats: Dict[str, object], classes: Tensor, method: str = "cam",
