@@ -40,6 +40,15 @@ def test_unknown_top_level_key(tmp_path):
         load_cfg(_yaml(tmp_path, "NOPE: 1\n"))
 
 
+def test_integer_accepted_for_a_string_key(tmp_path):
+    """A stage index written bare (`LAYER: 1`, `EXPKD.LAYER -1`) becomes the string the key holds."""
+    assert load_cfg(_yaml(tmp_path, "EXPKD:\n  LAYER: 1\n")).EXPKD.LAYER == "1"
+    assert load_cfg(None, ["EXPKD.LAYER", "-1"]).EXPKD.LAYER == "-1"
+    assert load_cfg(None, ["EXPKD.LAYER", "'2'"]).EXPKD.LAYER == "2"  # the old doubly quoted form still works
+    with pytest.raises(ConfigError, match="EXPKD.LAYER = 1.5 has type float"):
+        load_cfg(None, ["EXPKD.LAYER", "1.5"])
+
+
 def test_wrong_type_in_file(tmp_path):
     path = _yaml(tmp_path, "SOLVER:\n  EPOCHS: fast\n")
     with pytest.raises(ConfigError) as info:

@@ -173,7 +173,7 @@ def test_crafted_cifar_pickle_is_refused_without_running_code(tmp_path, cifar100
 
 def test_expkd_topk_larger_than_the_classes(tmp_path, cifar100_root, teacher, capsys):
     status, _ = train(tmp_path, cifar100_root, teacher, "EXPKD", ["EXPKD.TOPK", "101"])
-    assert status != 0
+    assert status == 2  # a config error, like every other bad key or value
     assert "EXPKD.TOPK: 101, expected 0 (all classes) to 100" in one_line(capsys)
 
 
@@ -403,6 +403,21 @@ def test_skip_nonfinite_skips_the_bad_step_and_finishes(tmp_path, cifar100_root,
 
 
 # ----------------------------------------------------------------------------------------------- loader workers
+def test_loader_worker_that_hangs_is_a_clear_error_not_a_stall(tmp_path, cifar100_root, monkeypatch, capsys):
+    def getitem(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            time.sleep(3600)  # a read from a hung network file system looks like this
+        raise AssertionError("items are read by the worker")
+
+    monkeypatch.setattr(_common.ArrayImages, "__getitem__", getitem)
+    monkeypatch.setattr(_common, "WORKER_TIMEOUT_S", 2)
+    start = time.monotonic()
+    status, run = train(tmp_path, cifar100_root, "", args=["DATASET.NUM_WORKERS", "1"])
+    assert status == 1 and time.monotonic() - start < 60
+    assert "DataLoader timed out after 2 seconds" in one_line(capsys)
+    assert not (run / "latest").exists()
+
+
 def test_loader_worker_crash_is_a_clear_error_not_a_hang(tmp_path, cifar100_root, monkeypatch, capsys):
     real = _common.ArrayImages.__getitem__
 

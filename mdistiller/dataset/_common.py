@@ -9,6 +9,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 SPLIT_SEED = 0  # fixed: TRAIN_SUBSET and VALIDATION_FROM_TRAIN pick the same images in every run
+# A batch that takes a loader worker longer than this is an error, not a silent stall (a hung network file system,
+# a decoder stuck on a corrupt file); far above any real batch's loading time.
+WORKER_TIMEOUT_S = 600
 
 
 class DatasetError(ValueError):
@@ -134,7 +137,8 @@ def ignore_stop_signals(worker_id: int) -> None:
 def batches(loader: Iterable) -> Iterator[Iterator]:
     """`with batches(loader) as stream: for batch in stream: ...`, which stops the loader's worker processes however
     the loop ends. An error leaves the DataLoader iterator referenced from its traceback, and its workers ignore
-    SIGTERM (above): without this they outlive the loop and the interpreter's exit, which joins them, never ends."""
+    SIGTERM (above): without this they outlive the loop and the interpreter's exit, which joins them, never ends.
+    A worker still stuck after the DataLoader's own shutdown (a hung read) is killed."""
     iterator = iter(loader)
     try:
         yield iterator
@@ -142,11 +146,15 @@ def batches(loader: Iterable) -> Iterator[Iterator]:
         shutdown_workers = getattr(iterator, "_shutdown_workers", None)  # DataLoader's multi-process iterator
         if shutdown_workers is not None:
             shutdown_workers()
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():  # stuck in a read: the DataLoader's SIGTERM is ignored (above), so kill it
+                worker.kill()
+                worker.join()
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
     """drop_last off (every image counts); pin_memory only where CUDA can use it. A worker that crashes is reported
-    by the DataLoader as an error (no hang)."""
+    by the DataLoader as an error, and one that hangs fails after WORKER_TIMEOUT_S (no silent stall)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -155,4 +163,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
         worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+        timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0,
     )

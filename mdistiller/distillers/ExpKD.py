@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine.config import ConfigError
 from ..explain import Tape, explain_from_features, explain_recorded, record
 from ._base import Distiller
 from .DKD import dkd_warmup_factor
@@ -123,21 +124,21 @@ class ExpKD(Distiller):
         for name, value, allowed in (("EXPLAINER", self.explainer, EXPLAINERS), ("NORM", self.norm, NORMS),
                                      ("DISTANCE", self.distance, DISTANCES)):
             if value not in allowed:
-                raise ValueError(f"config {key[name]}: {value!r}, expected one of {allowed}")
+                raise ConfigError(f"config {key[name]}: {value!r}, expected one of {allowed}")
         if not 0 <= self.topk <= num_classes:
-            raise ValueError(f"config {key['TOPK']}: {self.topk}, expected 0 (all classes) to {num_classes} "
+            raise ConfigError(f"config {key['TOPK']}: {self.topk}, expected 0 (all classes) to {num_classes} "
                              f"(the number of classes of the student)")
         if self.resolution < 0:
-            raise ValueError(f"config {key['RESOLUTION']}: {self.resolution}, expected 0 (the student's map size) "
+            raise ConfigError(f"config {key['RESOLUTION']}: {self.resolution}, expected 0 (the student's map size) "
                              f"or a positive side")
         if self.distance == "kl" and self.norm != "softmax":
-            raise ValueError(f"config {key['DISTANCE']} 'kl' compares spatial distributions: set {key['NORM']} "
+            raise ConfigError(f"config {key['DISTANCE']} 'kl' compares spatial distributions: set {key['NORM']} "
                              f"'softmax' (got {self.norm!r})")
         if self.explainer == "cam" and self.layer != "gap":
-            raise ValueError(f"config {key['LAYER']}: {self.layer!r}, but EXPLAINER 'cam' is defined at 'gap' only "
+            raise ConfigError(f"config {key['LAYER']}: {self.layer!r}, but EXPLAINER 'cam' is defined at 'gap' only "
                              f"(use 'gradcam' or 'lrp' for other layers)")
         if self.norm == "softmax" and self.temperature <= 0:
-            raise ValueError(f"config {key['T']}: {self.temperature}, expected > 0")
+            raise ConfigError(f"config {key['T']}: {self.temperature}, expected > 0")
 
     def _recording(self, model: nn.Module):
         return record(model) if needs_tape(self.explainer, self.layer) else nullcontext()

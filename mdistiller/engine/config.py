@@ -36,6 +36,8 @@ def _coerce(source: str, full_key: str, value: Any, default: Any) -> Any:
     value = CfgNode._decode_cfg_value(value)
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, str) and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # yaml and yacs read a bare 1 as an int: `EXPKD.LAYER 1` means the stage "1"
     if isinstance(value, dict) and not isinstance(default, CfgNode):
         raise ConfigError(f"{source}: {full_key} = {dict(value)!r} is a mapping; expected {_expected(default)}")
     try:

@@ -108,7 +108,8 @@ class ShardSampler(Sampler):
 
 def _reshard(loader: DataLoader, batch_size: int, sampler: ShardSampler) -> DataLoader:
     return DataLoader(loader.dataset, batch_size=batch_size, sampler=sampler, num_workers=loader.num_workers,
-                      pin_memory=loader.pin_memory, drop_last=loader.drop_last, worker_init_fn=loader.worker_init_fn)
+                      pin_memory=loader.pin_memory, drop_last=loader.drop_last, worker_init_fn=loader.worker_init_fn,
+                      timeout=loader.timeout)
 
 
 def shard_loaders(train_loader: DataLoader, val_loader: DataLoader, cfg) -> Tuple[DataLoader, DataLoader]:
