@@ -11,6 +11,7 @@ import torch.nn as nn
 import torchvision
 
 from mdistiller.explain import explain, get_composite
+from test_explain_zoo import randomize_
 
 zennit = pytest.importorskip("zennit")
 from zennit.attribution import Gradient  # noqa: E402
@@ -33,17 +34,10 @@ def _model(arch: str) -> nn.Module:
     if arch == "vgg11":  # the 25088x4096 MLP is irrelevant to the check and slow; keep its structure, shrink widths
         model.classifier = nn.Sequential(nn.Linear(512 * 49, 32), nn.ReLU(True), nn.Dropout(), nn.Linear(32, 32),
                                          nn.ReLU(True), nn.Dropout(), nn.Linear(32, 10))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.eps = 0.0
-            elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    randomize_(model, seed=1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 0.0
     return model.double().eval()
 
 
