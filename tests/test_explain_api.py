@@ -87,11 +87,25 @@ def test_teacher_path_keeps_no_graph_even_under_enable_grad():
             assert not explain_recorded(tape, CLASSES, method, layer).requires_grad
 
 
-def test_record_refuses_in_place_models_repeated_and_missing_forwards():
-    resnet = torchvision.models.resnet18(num_classes=5).eval()  # `out += identity`, ReLU(inplace=True)
+@pytest.mark.parametrize("train", [False, True])
+def test_record_works_when_only_bn_outputs_are_changed_in_place(train):
+    """torchvision's ResNet adds the shortcut into bn2's output and applies ReLU(inplace=True) to BN outputs: the tape
+    keeps no BN output (they are recomputed from the conv outputs), so its maps equal those of explain()."""
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=5).double().train(train)
+    image = _image(size=32)
     with record(resnet) as tape:
-        resnet(_image(size=32).float())
-    with pytest.raises(ValueError, match="modified in place after it was recorded"):
+        resnet(image)
+    for layer in ("input", "layer2.0", "gap"):
+        recorded = explain_recorded(tape, CLASSES, "lrp", layer)
+        torch.testing.assert_close(recorded, explain(resnet, image, CLASSES, "lrp", layer), rtol=1e-9, atol=1e-12)
+
+
+def test_record_refuses_in_place_models_repeated_and_missing_forwards():
+    vgg = torchvision.models.vgg11(num_classes=5).eval()  # ReLU(inplace=True) on conv outputs, which the tape keeps
+    with record(vgg) as tape:
+        vgg(_image(size=32).float())
+    with pytest.raises(ValueError, match="output of features.0 was modified in place after it was recorded"):
         explain_recorded(tape, CLASSES, "lrp")
     model = _resnet8().eval()
     with pytest.raises(ValueError, match="ran more than once"):

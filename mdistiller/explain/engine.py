@@ -32,19 +32,46 @@ Observer = Callable[[Node, Tensor, Sequence[Optional[Tensor]]], None]
 
 @dataclass
 class Activations:
-    """Every tensor of one forward of `graph`; `pre_bn` and `batch_stats` describe each folded BatchNorm."""
+    """The tensors of one forward of `graph` by key; `pre_bn` and `batch_stats` describe each folded BatchNorm."""
 
     graph: Graph
     values: Dict[str, Tensor]
     pre_bn: Dict[str, Tensor] = field(default_factory=dict)
     batch_stats: Dict[str, bool] = field(default_factory=dict)
     _params: Dict[str, Tuple[Tensor, Optional[Tensor]]] = field(default_factory=dict)
+    _bn: Dict[str, Tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def params(self, node: Node) -> Tuple[Tensor, Optional[Tensor]]:
         """(W', b') of a conv/linear node with its BatchNorm folded in, from the live parameters."""
         if node.output not in self._params:
             self._params[node.output] = _fold(self, node)
         return self._params[node.output]
+
+    def bn_affine(self, node: Node) -> Tuple[Tensor, Tensor]:
+        """Per-channel (scale, shift) of the BatchNorm of a node, as it normalised the node's BN input."""
+        if node.output not in self._bn:
+            bn = self.graph.module(node.modules[-1])
+            pre = self.pre_bn[node.output] if node.output in self.pre_bn else self.values[node.inputs[0]]
+            self._bn[node.output] = _bn_affine(bn, pre, self.batch_stats[node.output])
+        return self._bn[node.output]
+
+
+class RecordedValues(dict):
+    """The tensors of a recorded forward: those the model kept (conv / linear inputs and outputs), and every other
+    one recomputed from them whenever it is read and not kept (a BN output is its input normalised again, a sum is re-added),
+    so explaining a training step holds no activation beyond what the step's own backward keeps."""
+
+    def __init__(self, acts: "Activations", recorded: Dict[str, Tensor]):
+        super().__init__(recorded)
+        self.acts = acts
+        self.producers = {node.output: node for node in acts.graph.nodes}
+
+    def __missing__(self, key: str) -> Tensor:
+        node = self.producers[key]
+        if node.op not in ("conv", "linear"):
+            return _forward_functional(node, [self[x] for x in node.inputs])
+        pre = self.acts.pre_bn[key] if key in self.acts.pre_bn else self[node.inputs[0]]
+        return _batch_norm(self.acts.graph.module(node.modules[-1]), pre, self.acts.batch_stats[key])
 
 
 @dataclass(frozen=True)
@@ -92,11 +119,36 @@ def _bn_uses_batch_stats(bn: nn.Module) -> bool:
     return bn.training or bn.running_mean is None
 
 
+class _BatchMoments(torch.autograd.Function):
+    """Per-channel mean and biased variance of a [N, C, ...] tensor, as BatchNorm computes them in train mode.
+
+    Two passes (the mean, then the mean squared deviation: as exact as `var_mean`, several times faster on CPU),
+    and only the input is kept for the backward, which the model's own BatchNorm keeps anyway."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor) -> Tuple[Tensor, Tensor]:
+        dims = [0] + list(range(2, pre.dim()))
+        mean = pre.mean(dims)
+        deviation = pre - _channel_view(mean, pre)
+        ctx.save_for_backward(pre, mean)
+        return mean, (deviation * deviation).mean(dims)
+
+    @staticmethod
+    def backward(ctx, grad_mean: Tensor, grad_var: Tensor) -> Tensor:
+        pre, mean = ctx.saved_tensors
+        count = pre.numel() // pre.shape[1]
+        deviation = pre - _channel_view(mean, pre)
+        return _channel_view(grad_mean / count, pre) + deviation * _channel_view(grad_var * (2 / count), pre)
+
+
+def _channel_view(per_channel: Tensor, like: Tensor) -> Tensor:
+    return per_channel.view(1, -1, *[1] * (like.dim() - 2))
+
+
 def _bn_affine(bn: nn.Module, pre: Tensor, batch_stats: bool) -> Tuple[Tensor, Tensor]:
     """Per-channel (scale, shift) of a BatchNorm as it normalised `pre`."""
     if batch_stats:
-        dims = [0] + list(range(2, pre.dim()))
-        mean, var = pre.mean(dims), pre.var(dims, unbiased=False)
+        mean, var = _BatchMoments.apply(pre)
     else:
         mean, var = bn.running_mean, bn.running_var
     scale = torch.rsqrt(var + bn.eps)
@@ -109,12 +161,12 @@ def _bn_affine(bn: nn.Module, pre: Tensor, batch_stats: bool) -> Tuple[Tensor, T
 def _fold(acts: Activations, node: Node) -> Tuple[Tensor, Optional[Tensor]]:
     modules = [acts.graph.module(name) for name in node.modules]
     if isinstance(modules[0], nn.BatchNorm2d):
-        scale, shift = _bn_affine(modules[0], acts.pre_bn[node.output], acts.batch_stats[node.output])
+        scale, shift = acts.bn_affine(node)
         return scale.view(-1, 1, 1, 1), shift
     w, b = _weight(modules[0], node), modules[0].bias
     if len(modules) == 1:
         return w, b
-    scale, shift = _bn_affine(modules[1], acts.pre_bn[node.output], acts.batch_stats[node.output])
+    scale, shift = acts.bn_affine(node)
     w = w * scale.view(-1, *[1] * (w.dim() - 1))
     return w, shift if b is None else shift + b * scale
 
@@ -130,8 +182,13 @@ def _forward_affine(acts: Activations, node: Node, x: Tensor) -> Tensor:
         bn = modules[1]
     stats = _bn_uses_batch_stats(bn)
     acts.pre_bn[node.output], acts.batch_stats[node.output] = pre, stats
-    mean, var = (None, None) if stats else (bn.running_mean, bn.running_var)
-    return F.batch_norm(pre, mean, var, bn.weight, bn.bias, stats, 0.0, bn.eps)
+    return _batch_norm(bn, pre, stats)
+
+
+def _batch_norm(bn: nn.Module, pre: Tensor, batch_stats: bool) -> Tensor:
+    """The BN's output for input `pre`, as the model computed it; running statistics are never updated."""
+    mean, var = (None, None) if batch_stats else (bn.running_mean, bn.running_var)
+    return F.batch_norm(pre, mean, var, bn.weight, bn.bias, batch_stats, 0.0, bn.eps)
 
 
 def _shuffle(x: Tensor, groups: int) -> Tensor:
@@ -178,33 +235,37 @@ def forward(graph: Graph, image: Tensor) -> Activations:
     return acts
 
 
-def bind(graph: Graph, image: Tensor, captured: Dict[str, Tuple[Tensor, bool]],
+def bind(graph: Graph, image: Tensor, captured: Dict[str, Tuple[Optional[Tensor], bool]],
          inputs: Optional[Dict[str, Tensor]] = None) -> Activations:
-    """Activations of a forward the model ran itself: conv/linear/BN outputs are the recorded tensors (no layer is
-    recomputed). Elementwise and pooling ops are re-applied to them, except where the op's result is the recorded
-    input of a conv/linear layer (`inputs`, by module name): that tensor is used, so no activation is held twice."""
+    """Activations of a forward the model ran itself (`record`): no layer is run again. Conv / linear outputs and
+    inputs are the recorded tensors, which the model's backward keeps anyway; BatchNorm outputs, sums and other
+    elementwise results are recomputed from them when the walk reads them (`RecordedValues`). `captured` maps module
+    names to (output, uses batch statistics); a BatchNorm's output is None unless it is its input (a folded teacher's
+    identity BN)."""
     inputs = inputs or {}
-    read_by = {}
     for node in graph.nodes:
-        if node.op in ("conv", "linear") and node.modules[0] in inputs:
-            recorded = inputs[node.modules[0]]
-            read_by.setdefault(node.inputs[0], recorded.flatten(1) if node.op == "linear" else recorded)
-    acts = Activations(graph, {INPUT: image})
-    for node in graph.nodes:
-        xs = [acts.values[key] for key in node.inputs]
-        if node.op not in ("conv", "linear"):
-            recorded = read_by.get(node.output)
-            acts.values[node.output] = _forward_functional(node, xs) if recorded is None else recorded
-            continue
         for name in node.modules:
             if name not in captured:
                 raise ValueError(f"explain_recorded: module {name} of {type(graph.model).__name__} did not run in the "
                                  f"recorded forward")
-        out, batch_stats = captured[node.modules[-1]]
-        acts.values[node.output] = out.flatten(1) if node.op == "linear" else out
-        if isinstance(graph.module(node.modules[-1]), BATCHNORMS):
-            acts.pre_bn[node.output] = captured[node.modules[0]][0] if len(node.modules) == 2 else xs[0]
-            acts.batch_stats[node.output] = batch_stats
+    acts = Activations(graph, {})
+    recorded = {INPUT: image}
+    for node in graph.nodes:
+        if node.op not in ("conv", "linear"):
+            continue
+        if node.modules[0] in inputs:
+            x = inputs[node.modules[0]]
+            recorded.setdefault(node.inputs[0], x.flatten(1) if node.op == "linear" else x)
+        out = captured[node.modules[-1]][0]
+        if not isinstance(graph.module(node.modules[-1]), BATCHNORMS):
+            recorded[node.output] = out.flatten(1) if node.op == "linear" else out
+            continue
+        acts.batch_stats[node.output] = captured[node.modules[-1]][1]
+        if out is not None:
+            recorded[node.output] = out
+        if len(node.modules) == 2:
+            acts.pre_bn[node.output] = captured[node.modules[0]][0]
+    acts.values = RecordedValues(acts, recorded)
     return acts
 
 
@@ -248,7 +309,7 @@ def _bias_view(b: Tensor, like: Tensor) -> Tensor:
 
 def _terms(acts: Activations, node: Node, rule: Rule, terms: Sequence[Term], spec: Spec):
     """(sign, modified input, modified weight, modified output) of each non-zero term of a group."""
-    x, z = acts.values[node.inputs[0]], acts.values[node.output]
+    x = acts.values[node.inputs[0]]
     w, b = acts.params(node)
     nonneg = node.inputs[0] in acts.graph.nonneg
     bounds = _bounds(acts, spec.composite) if node.inputs[0] == INPUT else None
@@ -260,6 +321,7 @@ def _terms(acts: Activations, node: Node, rule: Rule, terms: Sequence[Term], spe
         wt = _param_mod(term.params, w, rule.gamma)
         use_bias = term.bias and b is not None and not spec.zero_bias
         if term.inputs == "x" and term.params == "w":
+            z = acts.values[node.output]
             zt = z if use_bias or b is None else z - _bias_view(b, z)
         else:
             x_fwd = torch.ones((1, *x.shape[1:]), dtype=x.dtype, device=x.device) if xt is ONES else xt
@@ -276,9 +338,7 @@ def _bounds(acts: Activations, composite: Composite) -> Tuple[Tensor, Tensor]:
     return tuple(t.to(x).reshape(1, -1, 1, 1) if t.dim() <= 1 else t.to(x) for t in (composite.low, composite.high))
 
 
-def _mask(where: Optional[str], z: Tensor) -> Optional[Tensor]:
-    if where is None:
-        return None
+def _mask(where: str, z: Tensor) -> Tensor:
     return (z > 0 if where == "pos" else z < 0).to(z)
 
 
@@ -286,12 +346,12 @@ def _lrp_affine(acts: Activations, node: Node, r: Tensor, spec: Spec) -> Tensor:
     rule = spec.rule(node)
     if not rule.groups:
         return r
-    x, z = acts.values[node.inputs[0]], acts.values[node.output]
+    x = acts.values[node.inputs[0]]
     out = None
     for group in rule.groups:
         terms = _terms(acts, node, rule, group.terms, spec)
         inverse = 1 / stabilize(sum(sign * zt for sign, _, _, zt in terms), rule.epsilon)
-        mask = _mask(group.where, z)
+        mask = None if group.where is None else _mask(group.where, acts.values[node.output])
         s = r * (inverse if mask is None else inverse * mask).unsqueeze(1)
         for sign, xt, wt, _ in terms:
             c = _affine_t(node, s, wt, x.shape[1:])
@@ -323,9 +383,8 @@ def _head(acts: Activations, classes: Tensor, spec: Spec) -> Tensor:
         terms = _terms(acts, node, rule, group.terms, spec)
         den = sum(sign * zt.expand(z.shape).gather(1, classes) for sign, _, _, zt in terms)
         s = seed / stabilize(den, rule.epsilon)
-        mask = _mask(group.where, seed)
-        if mask is not None:
-            s = s * mask
+        if group.where is not None:
+            s = s * _mask(group.where, seed)
         for sign, xt, wt, _ in terms:
             c = wt[classes] * s.unsqueeze(-1)
             out = _accumulate(out, c if xt is ONES else xt.unsqueeze(1) * c, group.coef * sign)
@@ -368,7 +427,7 @@ def _backward(acts: Activations, node: Node, r: Tensor, spec: Spec) -> List[Tens
     if op == "add":
         if not lrp:
             return [r, r]
-        s = r * (1 / stabilize(acts.values[node.output], spec.composite.stabilizer)).unsqueeze(1)
+        s = r * (1 / stabilize(xs[0] + xs[1], spec.composite.stabilizer)).unsqueeze(1)
         return [x.unsqueeze(1) * s for x in xs]
     if op == "cat":
         return list(torch.split(r, [x.shape[1] for x in xs], dim=2))
@@ -401,10 +460,28 @@ def _backward(acts: Activations, node: Node, r: Tensor, spec: Spec) -> List[Tens
 def _recomputed(acts: Activations, node: Node, r: Tensor, spec: Spec) -> List[Tensor]:
     """`_backward` under activation checkpointing: a differentiable walk keeps only each layer's relevance for the
     double backward and recomputes the rule's intermediates (normalisers, modified weights and inputs) there, so the
-    student path's memory stays near that of the relevance tensors themselves."""
-    if node.op in ("conv", "linear"):
-        acts.params(node)  # folded outside: the cached (W', b') must be the same tensors in the recomputation
+    student path's memory stays near that of the relevance tensors themselves. The folded parameters it reads must
+    already be cached (`_fold_ahead`), so that the recomputation reads the same tensors."""
     return checkpoint(lambda relevance: _backward(acts, node, relevance, spec), r, use_reentrant=False)
+
+
+def _fold_ahead(acts: Activations, nodes: Sequence[Node]) -> None:
+    """Fold the BatchNorms and layers that a walk over `nodes` reads, including through recomputed values."""
+    producers = {node.output: node for node in acts.graph.nodes}
+    keys, seen = [key for node in nodes for key in (*node.inputs, node.output)], set()
+    while keys:
+        key = keys.pop()
+        if key in seen or key == INPUT:
+            continue
+        seen.add(key)
+        node = producers[key]
+        if isinstance(acts.graph.module(node.modules[-1]) if node.modules else None, BATCHNORMS):
+            acts.bn_affine(node)
+        if key not in acts.values:
+            keys.extend(node.inputs)
+    for node in nodes:
+        if node.op in ("conv", "linear"):
+            acts.params(node)
 
 
 def propagate(acts: Activations, classes: Tensor, target: str, spec: Spec,
@@ -417,10 +494,15 @@ def propagate(acts: Activations, classes: Tensor, target: str, spec: Spec,
     `recompute`: checkpoint each step of a differentiable walk (see `_recomputed`).
     """
     graph = acts.graph
-    pending = {graph.head.inputs[0]: _head(acts, classes, spec)}
+    walk = []
     for node in reversed(graph.nodes[:-1]):
         if node.output == target:
             break
+        walk.append(node)
+    if recompute:
+        _fold_ahead(acts, walk)
+    pending = {graph.head.inputs[0]: _head(acts, classes, spec)}
+    for node in walk:
         r = pending.pop(node.output, None)
         if r is None:
             continue

@@ -114,10 +114,15 @@ class Tape:
 
     def _store(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._calls[name] = self._calls.get(name, 0) + 1
-        uses_batch = isinstance(module, BATCHNORMS) and (module.training or module.running_mean is None)
-        self.captured[name] = (output, uses_batch)
+        if isinstance(module, BATCHNORMS):
+            # A BN output is recomputed from its input when needed: keeping it would hold one more activation per
+            # layer than the model's backward does. Only an identity BN (a folded teacher's) hands its input on.
+            uses_batch = module.training or module.running_mean is None
+            self.captured[name] = (output if args and output is args[0] else None, uses_batch)
+            return
+        self.captured[name] = (output, False)
         self._versions[(name, "output")] = output._version
-        if not isinstance(module, BATCHNORMS) and args and isinstance(args[0], Tensor):
+        if args and isinstance(args[0], Tensor):
             self.inputs[name] = args[0]
             self._versions[(name, "input")] = args[0]._version
 
@@ -172,7 +177,7 @@ def explain_recorded(tape: Tape, classes: Tensor, method: str = "cam", layer: Un
         return (t if create_graph else t.detach()).to(dtype)
 
     with torch.set_grad_enabled(create_graph), _full_precision(tape.image):
-        captured = {name: (prepare(t), stats) for name, (t, stats) in tape.captured.items()}
+        captured = {name: (None if t is None else prepare(t), stats) for name, (t, stats) in tape.captured.items()}
         inputs = {name: prepare(t) for name, t in tape.inputs.items()}
         acts = bind(graph, prepare(tape.image), captured, inputs)
         return _maps(acts, classes, method, layer, rule, zero_bias, recompute)
