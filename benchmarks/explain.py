@@ -3,7 +3,7 @@
 For each model, method, layer and K (classes per sample):
 - teacher path: eval mode, the forward under no_grad inside `record`, then the maps without a graph;
 - student path: train mode, the recorded forward, the maps with create_graph, and the backward of CE + an MSE on the
-  maps (the full derivative, rule normalisers included).
+  maps (the full derivative, rule normalisers included; with --detach-normalizers the normalisers are constants).
 CAM uses `explain_from_features` (no recording). Times are medians over --repeats runs (CPU: process CPU time, so a
 busy machine does not inflate them; CUDA: synchronised wall time). Peak memory is measured in a fresh process per
 configuration (CPU: peak growth of torch's allocated bytes, from the profiler's memory events; CUDA: peak allocated
@@ -68,7 +68,9 @@ def _step(cfg: Dict, model, image, target) -> None:
     if method == "cam":
         maps = explain_from_features(model, feats, classes, "cam", create_graph=student)
     else:
-        maps = explain_recorded(tape, classes, method, layer, create_graph=student, recompute=cfg["recompute"])
+        detach = student and method == "lrp" and cfg["detach_normalizers"]
+        maps = explain_recorded(tape, classes, method, layer, create_graph=student, recompute=cfg["recompute"],
+                                detach_normalizers=detach)
     if student:
         (F.cross_entropy(logits, target) + maps.pow(2).mean()).backward()
         model.zero_grad(set_to_none=True)
@@ -132,7 +134,7 @@ def _configs(args) -> List[Dict]:
             for k in args.ks:
                 for path in ("teacher", "student"):
                     cfg = {"model": model, "batch": args.batch, "method": method, "layer": layer, "k": k, "path": path,
-                           "recompute": recompute}
+                           "recompute": recompute, "detach_normalizers": args.detach_normalizers}
                     size_gb = args.batch * k * numel * 4 / 2 ** 30 if method != "cam" else 0.0
                     limit = args.max_teacher_gb if path == "teacher" else args.max_student_gb
                     if size_gb > limit:
@@ -155,6 +157,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-recompute", action="store_true",
                         help="student path: keep every intermediate of the walk instead of recomputing it")
+    parser.add_argument("--detach-normalizers", action="store_true",
+                        help="student path, LRP: the rule normalisers are constants (approximate derivative)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -227,6 +227,22 @@ def test_full_loss_matches_finite_differences(explainer, layer):
     assert abs(numeric - analytic) <= 1e-5 * max(1.0, abs(analytic)), (numeric, analytic)
 
 
+def test_detached_normalizers_reach_the_student_only():
+    """EXPKD.DETACH_NORMALIZERS: the same loss, and the student's gradient is the one with frozen LRP normalisers."""
+    student, teacher = _pair(dtype=torch.float64)
+    image, target = _batch(batch=3, size=8, dtype=torch.float64)
+    grads = {}
+    for detach in (False, True):
+        cfg = _exp_only(**{"EXPKD.EXPLAINER": "lrp", "EXPKD.LAYER": "1", "EXPKD.TOPK": 2,
+                           "EXPKD.DETACH_NORMALIZERS": detach})
+        distiller = distiller_dict["EXPKD"](student, teacher, cfg).train()
+        loss = distiller.forward_train(image=image, target=target, epoch=1)[1]["loss_exp"]
+        grads[detach] = (loss.detach(), torch.autograd.grad(loss, list(student.parameters()), allow_unused=True))
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-12, atol=0)
+    changed = [not torch.allclose(a, b) for a, b in zip(grads[True][1], grads[False][1]) if a is not None]
+    assert changed and any(changed)
+
+
 # ---------------------------------------------------------------- config errors and the fork's alias
 
 
@@ -244,6 +260,7 @@ def test_topk_larger_than_the_number_of_classes_is_a_config_error():
     ("EXPKD.EXPLAINER", "shap", r"EXPKD\.EXPLAINER: 'shap', expected one of"),
     ("EXPKD.RESOLUTION", -1, r"EXPKD\.RESOLUTION: -1"),
     ("EXPKD.DISTANCE", "kl", r"EXPKD\.DISTANCE 'kl' .* EXPKD\.NORM 'softmax'"),
+    ("EXPKD.DETACH_NORMALIZERS", True, r"EXPKD\.DETACH_NORMALIZERS: True needs EXPKD\.EXPLAINER 'lrp'"),
 ])
 def test_bad_values_are_config_errors(key, value, message):
     student, teacher = _pair()

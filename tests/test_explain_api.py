@@ -45,6 +45,7 @@ CLASSES = torch.tensor([[0, 3], [4, 1]])
         ({"method": "lrp", "layer": 7}, "has 4 stages"),
         ({"method": "lrp", "rule": "zminus"}, "LRP rule 'zminus'"),
         ({"method": "lrp", "layer": "pooled_feat"}, "expected a spatial"),
+        ({"method": "gradcam", "layer": 1, "detach_normalizers": True}, "only LRP has normalisers"),
     ],
 )
 def test_bad_arguments_name_the_culprit(kwargs, message):
@@ -310,3 +311,24 @@ def test_recorded_maps_reuse_the_models_own_activations():
     relus_read_by_convs = [node.output for node in graph.nodes if node.op == "act" and any(
         other.op in ("conv", "linear") and other.inputs[0] == node.output for other in graph.nodes)]
     assert relus_read_by_convs and reused == relus_read_by_convs
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_tape_keeps_no_batchnorm_output(train):
+    """A BN output is not what the model's backward keeps (ReLU keeps its output, BN its input), so the tape does not
+    hold it either: the walk recomputes it from the conv output, equal to the model's own."""
+    model = _resnet8().train(train)
+    image = _image()
+    bn_outputs = {}
+    hooks = [m.register_forward_hook(lambda m, a, out, name=name: bn_outputs.__setitem__(name, out))
+             for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    with record(model) as tape:
+        model(image)
+    for hook in hooks:
+        hook.remove()
+    assert bn_outputs and all(tape.captured[name][0] is None for name in bn_outputs)
+    graph = build_graph(model, image.shape)
+    acts = engine.bind(graph, tape.image, tape.captured, tape.inputs)
+    for node in graph.nodes:
+        if node.modules and node.modules[-1] in bn_outputs:
+            torch.testing.assert_close(acts.values[node.output], bn_outputs[node.modules[-1]], rtol=0, atol=0)

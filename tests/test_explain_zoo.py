@@ -6,6 +6,7 @@ adapter and block type gets the float64 identities; the finite-difference checks
 contain every layer type.
 """
 import copy
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -302,3 +303,66 @@ def test_map_gradients_match_finite_differences(name, size, method, layer, rule,
         scale = max(abs(numeric), abs(grad[idx].item()), 1e-6)
         assert abs(grad[idx].item() - numeric) / scale < 1e-4, \
             f"{pname}{list(idx)}: autograd {grad[idx].item():.8g} vs finite difference {numeric:.8g}"
+
+
+@dataclass(frozen=True)
+class _FrozenNormalizers(Spec):
+    """LRP whose normalisers are those recorded by an earlier walk (`recorded`, in call order) once `replay` is set."""
+
+    recorded: list = field(default_factory=list)
+    replay: list = field(default_factory=list)
+
+    def stable(self, z: torch.Tensor, epsilon: float) -> torch.Tensor:
+        if self.replay:
+            return self.replay.pop(0)
+        value = super().stable(z, epsilon).detach()
+        self.recorded.append(value)
+        return value
+
+
+@pytest.mark.parametrize("rule,train", [("epsilon_plus_flat", True), ("epsilon_gamma_box", False)])
+def test_detached_normalizers_give_the_derivative_with_the_normalizers_held_fixed(rule, train):
+    """detach_normalizers: the same maps, and autograd gives exactly the derivative of the walk whose normalisers
+    stay at their current values (central differences with the normalisers replayed), not the full derivative."""
+    torch.manual_seed(0)
+    model = randomize_(_fd_model("resnet8")).double().train(train)
+    image = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    classes = torch.tensor([[0, 3], [4, 1]])
+    graph = build_graph(model, image.shape)
+    maps = explain(model, image, classes, "lrp", "input", rule, create_graph=True, detach_normalizers=True)
+    assert torch.equal(maps.detach(), explain(model, image, classes, "lrp", "input", rule))
+    target = torch.randn_like(maps)
+    named = dict(model.named_parameters())
+    picks = [n for n in named if n.endswith("weight")]
+    picks = [picks[0], picks[len(picks) // 2], picks[-1]]
+    detached = torch.autograd.grad((maps * target).sum(), [named[n] for n in picks])
+    full = torch.autograd.grad((explain(model, image, classes, "lrp", "input", rule, create_graph=True) * target).sum(),
+                               [named[n] for n in picks])
+    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(detached, full)), "no normaliser was detached"
+
+    frozen = _FrozenNormalizers("lrp", get_composite(rule))
+    with torch.no_grad():
+        propagate(forward(graph, image), classes, "input", frozen)
+
+    def loss() -> float:
+        frozen.replay.extend(frozen.recorded)
+        value = (propagate(forward(graph, image), classes, "input", frozen).sum(2) * target).sum().item()
+        assert not frozen.replay, "the walk read a different number of normalisers"
+        return value
+
+    g = torch.Generator().manual_seed(1)
+    h = 1e-6
+    for pname, grad in zip(picks, detached):
+        param = named[pname]
+        idx = tuple(int(torch.randint(size, (1,), generator=g)) for size in param.shape)
+        with torch.no_grad():
+            original = param[idx].item()
+            param[idx] = original + h
+            up = loss()
+            param[idx] = original - h
+            down = loss()
+            param[idx] = original
+        numeric = (up - down) / (2 * h)
+        scale = max(abs(numeric), abs(grad[idx].item()), 1e-8)
+        assert abs(grad[idx].item() - numeric) / scale < 1e-6, \
+            f"{pname}{list(idx)}: autograd {grad[idx].item():.10g} vs finite difference {numeric:.10g}"

@@ -107,6 +107,7 @@ class ExpKD(Distiller):
         self.explainer = settings["EXPLAINER"]
         self.layer = settings["LAYER"]
         self.rule = settings["RULE"]
+        self.detach_normalizers = settings["DETACH_NORMALIZERS"]
         self.resolution = settings["RESOLUTION"]
         self.norm = settings["NORM"]
         self.temperature = settings["T"]
@@ -137,6 +138,9 @@ class ExpKD(Distiller):
         if self.explainer == "cam" and self.layer != "gap":
             raise ConfigError(f"config {key['LAYER']}: {self.layer!r}, but EXPLAINER 'cam' is defined at 'gap' only "
                              f"(use 'gradcam' or 'lrp' for other layers)")
+        if self.detach_normalizers and self.explainer != "lrp":
+            raise ConfigError(f"config {key['DETACH_NORMALIZERS']}: True needs {key['EXPLAINER']} 'lrp' (only LRP has "
+                              f"normalisers), got {self.explainer!r}")
         if self.norm == "softmax" and self.temperature <= 0:
             raise ConfigError(f"config {key['T']}: {self.temperature}, expected > 0")
 
@@ -148,7 +152,8 @@ class ExpKD(Distiller):
         """Maps [B,K,H,W] of `classes` from the forward of `model` that produced `feats` (and `tape`), not rerun."""
         if tape is None:
             return explain_from_features(model, feats, classes, self.explainer, create_graph=create_graph)
-        return explain_recorded(tape, classes, self.explainer, self.layer, self.rule, create_graph=create_graph)
+        return explain_recorded(tape, classes, self.explainer, self.layer, self.rule, create_graph=create_graph,
+                                detach_normalizers=self.detach_normalizers and create_graph)
 
     def forward_train(self, image, target, **kwargs):
         with self._recording(self.student) as tape_student:
@@ -181,8 +186,8 @@ class CAM(ExpKD):
         node = cfg.CAM
         settings = {"CE_WEIGHT": node.LOSS.CE_WEIGHT, "KD_WEIGHT": 0.9, "KD_T": 4.0,
                     "EXP_WEIGHT": node.LOSS.FEAT_WEIGHT, "WARMUP": node.WARMUP, "TOPK": node.K,
-                    "EXPLAINER": "cam", "LAYER": "gap", "RULE": None, "RESOLUTION": 0, "NORM": "softmax",
-                    "T": node.T, "DISTANCE": "mse"}
+                    "EXPLAINER": "cam", "LAYER": "gap", "RULE": None, "DETACH_NORMALIZERS": False, "RESOLUTION": 0,
+                    "NORM": "softmax", "T": node.T, "DISTANCE": "mse"}
         keys = {"CE_WEIGHT": "CAM.LOSS.CE_WEIGHT", "EXP_WEIGHT": "CAM.LOSS.FEAT_WEIGHT", "WARMUP": "CAM.WARMUP",
                 "TOPK": "CAM.K", "T": "CAM.T"}
         return settings, {name: keys.get(name, f"CAM (fixed {name})") for name in settings}

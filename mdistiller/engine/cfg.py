@@ -180,6 +180,7 @@ CFG.EXPKD.TOPK = 5  # teacher's top-K classes; 0 = all classes
 CFG.EXPKD.EXPLAINER = "cam"  # "cam", "gradcam", "lrp" (mdistiller.explain)
 CFG.EXPKD.LAYER = "gap"  # "gap" or a stage index / module name (gradcam, lrp)
 CFG.EXPKD.RULE = "epsilon_plus_flat"  # LRP rule or composite
+CFG.EXPKD.DETACH_NORMALIZERS = False  # lrp: the student's rule normalisers are constants (cheaper, approximate)
 CFG.EXPKD.RESOLUTION = 0  # pool both maps to RxR; 0 = the student's map size
 CFG.EXPKD.NORM = "l2"  # per (sample, class) over space: "softmax" (temperature T), "l2", "none"
 CFG.EXPKD.T = 1.0

@@ -14,6 +14,7 @@ output; the statistics stay part of the graph (a student's map is differentiated
 statistic is read or written. A BN with no layer right before it (WRN's pre-activation) is the per-channel affine map
 with the same (μ, σ²) and gets the composite's "bn" rule (Pass by default, as zennit).
 """
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -58,8 +59,8 @@ class Activations:
 
 class RecordedValues(dict):
     """The tensors of a recorded forward: those the model kept (conv / linear inputs and outputs), and every other
-    one recomputed from them whenever it is read and not kept (a BN output is its input normalised again, a sum is re-added),
-    so explaining a training step holds no activation beyond what the step's own backward keeps."""
+    one recomputed from them whenever it is read, and not kept (a BN output is its input normalised again, a sum is
+    added again), so explaining a training step holds no activation beyond what the step's own backward keeps."""
 
     def __init__(self, acts: "Activations", recorded: Dict[str, Tensor]):
         super().__init__(recorded)
@@ -76,14 +77,22 @@ class RecordedValues(dict):
 
 @dataclass(frozen=True)
 class Spec:
-    """What to propagate: "lrp" with `composite` (and `zero_bias`), or "grad" (plain gradients)."""
+    """What to propagate: "lrp" with `composite` (and `zero_bias`), or "grad" (plain gradients).
+
+    `detach_normalizers`: every LRP normaliser (the stabilised denominators of the rules, sums and pooling) is a
+    constant for autograd, which gives a cheaper, approximate derivative of the maps (the values are unchanged)."""
 
     mode: str
     composite: Optional[Composite] = None
     zero_bias: bool = False
+    detach_normalizers: bool = False
 
     def rule(self, node: Node) -> Rule:
         return getattr(self.composite, node.role)
+
+    def stable(self, z: Tensor, epsilon: float) -> Tensor:
+        """The stabilised normaliser stab(z), a constant for autograd with `detach_normalizers`."""
+        return stabilize(z.detach() if self.detach_normalizers else z, epsilon)
 
 
 # ---------------------------------------------------------------------------------------------- forward and binding
@@ -325,7 +334,8 @@ def _terms(acts: Activations, node: Node, rule: Rule, terms: Sequence[Term], spe
             zt = z if use_bias or b is None else z - _bias_view(b, z)
         else:
             x_fwd = torch.ones((1, *x.shape[1:]), dtype=x.dtype, device=x.device) if xt is ONES else xt
-            zt = _affine(node, x_fwd, wt, _param_mod(term.params, b, rule.gamma) if use_bias else None)
+            with torch.no_grad() if spec.detach_normalizers else nullcontext():
+                zt = _affine(node, x_fwd, wt, _param_mod(term.params, b, rule.gamma) if use_bias else None)
         out.append((term.sign, xt, wt, zt))
     return out
 
@@ -350,7 +360,7 @@ def _lrp_affine(acts: Activations, node: Node, r: Tensor, spec: Spec) -> Tensor:
     out = None
     for group in rule.groups:
         terms = _terms(acts, node, rule, group.terms, spec)
-        inverse = 1 / stabilize(sum(sign * zt for sign, _, _, zt in terms), rule.epsilon)
+        inverse = 1 / spec.stable(sum(sign * zt for sign, _, _, zt in terms), rule.epsilon)
         mask = None if group.where is None else _mask(group.where, acts.values[node.output])
         s = r * (inverse if mask is None else inverse * mask).unsqueeze(1)
         for sign, xt, wt, _ in terms:
@@ -382,7 +392,7 @@ def _head(acts: Activations, classes: Tensor, spec: Spec) -> Tensor:
     for group in rule.groups:
         terms = _terms(acts, node, rule, group.terms, spec)
         den = sum(sign * zt.expand(z.shape).gather(1, classes) for sign, _, _, zt in terms)
-        s = seed / stabilize(den, rule.epsilon)
+        s = seed / spec.stable(den, rule.epsilon)
         if group.where is not None:
             s = s * _mask(group.where, seed)
         for sign, xt, wt, _ in terms:
@@ -427,7 +437,7 @@ def _backward(acts: Activations, node: Node, r: Tensor, spec: Spec) -> List[Tens
     if op == "add":
         if not lrp:
             return [r, r]
-        s = r * (1 / stabilize(xs[0] + xs[1], spec.composite.stabilizer)).unsqueeze(1)
+        s = r * (1 / spec.stable(xs[0] + xs[1], spec.composite.stabilizer)).unsqueeze(1)
         return [x.unsqueeze(1) * s for x in xs]
     if op == "cat":
         return list(torch.split(r, [x.shape[1] for x in xs], dim=2))
@@ -443,13 +453,13 @@ def _backward(acts: Activations, node: Node, r: Tensor, spec: Spec) -> List[Tens
     if op == "avgpool":
         if not lrp:
             return [_vjp(node.attrs["pool"], xs[0].shape[1:], r)]
-        s = r / stabilize(acts.values[node.output], spec.composite.stabilizer).unsqueeze(1)
+        s = r / spec.stable(acts.values[node.output], spec.composite.stabilizer).unsqueeze(1)
         return [xs[0].unsqueeze(1) * _vjp(node.attrs["pool"], xs[0].shape[1:], s)]
     if op == "gap":
         x = xs[0]
         area = x.shape[2] * x.shape[3]
         if lrp:
-            r = r / stabilize(acts.values[node.output], spec.composite.stabilizer).unsqueeze(1)
+            r = r / spec.stable(acts.values[node.output], spec.composite.stabilizer).unsqueeze(1)
             return [x.unsqueeze(1) * (r / area)[..., None, None]]
         return [(r / area)[..., None, None].expand(*r.shape, *x.shape[2:])]
     if op == "flatten":

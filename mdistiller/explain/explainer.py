@@ -44,10 +44,12 @@ def _gap_maps(gap_feat: Tensor, weight: Tensor, classes: Tensor, method: str) ->
 
 
 def _maps(acts: Activations, classes: Tensor, method: str, layer: Union[str, int], rule: RuleLike,
-          zero_bias: bool, recompute: bool) -> Tensor:
+          zero_bias: bool, recompute: bool, detach_normalizers: bool) -> Tensor:
     graph = acts.graph
     if method not in METHODS:
         raise ValueError(f"explain method={method!r}: expected one of {METHODS}")
+    if detach_normalizers and method != "lrp":
+        raise ValueError(f"explain detach_normalizers=True: only LRP has normalisers, got method={method!r}")
     classes = _check_classes(classes.to(acts.values[INPUT].device), acts.values[INPUT].shape[0],
                              acts.values[graph.head.output].shape[1])
     target = graph.resolve(layer)
@@ -55,7 +57,7 @@ def _maps(acts: Activations, classes: Tensor, method: str, layer: Union[str, int
         raise ValueError(f"explain method='cam' is defined at layer='gap' only, got layer={layer!r}")
     if method in ("cam", "gradcam") and target == graph.gap:
         return _gap_maps(acts.values[target], acts.params(graph.head)[0], classes, method)
-    spec = Spec("lrp", get_composite(rule), zero_bias) if method == "lrp" else Spec("grad")
+    spec = Spec("lrp", get_composite(rule), zero_bias, detach_normalizers) if method == "lrp" else Spec("grad")
     r = propagate(acts, classes, target, spec, recompute=recompute)
     if r.dim() != 5:
         raise ValueError(f"explain layer={layer!r}: tensor {target!r} has shape {tuple(r.shape[2:])}, expected a "
@@ -70,7 +72,7 @@ def _maps(acts: Activations, classes: Tensor, method: str, layer: Union[str, int
 
 def explain(model: nn.Module, image: Tensor, classes: Tensor, method: str = "cam", layer: Union[str, int] = "gap",
             rule: RuleLike = "epsilon_plus_flat", zero_bias: bool = False, create_graph: bool = False,
-            recompute: bool = True) -> Tensor:
+            recompute: bool = True, detach_normalizers: bool = False) -> Tensor:
     """Explanation maps [B, K, H, W] of `classes` (LongTensor [B, K]) for `image`.
 
     method: "cam" (raw CAM on gap_feat), "gradcam", "lrp" (relevance seeded with the logit, summed over channels),
@@ -81,12 +83,14 @@ def explain(model: nn.Module, image: Tensor, classes: Tensor, method: str = "cam
     parameters, buffers or gradients (in train mode BatchNorm uses batch statistics without updating running ones).
     recompute: with create_graph, keep only each layer's relevance for the backward and recompute the rules'
     intermediates there (activation checkpointing: less memory, about one more relevance pass of time).
+    detach_normalizers: with create_graph and LRP, the rules' normalisers are constants for autograd (same maps,
+    a cheaper and approximate derivative).
     """
     graph = build_graph(model, image.shape)
     dtype = _parameter_dtype(model)
     with torch.set_grad_enabled(create_graph), _full_precision(image):
         acts = forward(graph, (image if create_graph else image.detach()).to(dtype))
-        return _maps(acts, classes, method, layer, rule, zero_bias, recompute)
+        return _maps(acts, classes, method, layer, rule, zero_bias, recompute, detach_normalizers)
 
 
 def _parameter_dtype(model: nn.Module) -> torch.dtype:
@@ -165,7 +169,7 @@ def record(model: nn.Module) -> Iterator[Tape]:
 
 def explain_recorded(tape: Tape, classes: Tensor, method: str = "cam", layer: Union[str, int] = "gap",
                      rule: RuleLike = "epsilon_plus_flat", zero_bias: bool = False,
-                     create_graph: bool = False, recompute: bool = True) -> Tensor:
+                     create_graph: bool = False, recompute: bool = True, detach_normalizers: bool = False) -> Tensor:
     """`explain` from the forward recorded in `tape`: no layer is run again. With create_graph the maps are
     differentiable through the recorded activations (the student path of a training step). Activations recorded
     under autocast are promoted to the parameters' precision."""
@@ -180,7 +184,7 @@ def explain_recorded(tape: Tape, classes: Tensor, method: str = "cam", layer: Un
         captured = {name: (None if t is None else prepare(t), stats) for name, (t, stats) in tape.captured.items()}
         inputs = {name: prepare(t) for name, t in tape.inputs.items()}
         acts = bind(graph, prepare(tape.image), captured, inputs)
-        return _maps(acts, classes, method, layer, rule, zero_bias, recompute)
+        return _maps(acts, classes, method, layer, rule, zero_bias, recompute, detach_normalizers)
 
 
 def explain_from_features(model: nn.Module, feats: Dict[str, object], classes: Tensor, method: str = "cam",
