@@ -313,6 +313,30 @@ def test_recorded_maps_reuse_the_models_own_activations():
     assert relus_read_by_convs and reused == relus_read_by_convs
 
 
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "MobileNetV2"])
+@pytest.mark.parametrize("train", [False, True])
+def test_a_tape_recorded_for_a_layer_keeps_less_and_gives_the_same_maps(name, train):
+    """record(model, layer): bitwise the maps of a full tape at that layer and every layer above it, from fewer kept
+    tensors; a deeper layer is refused with a one-line error naming both layers."""
+    torch.manual_seed(0)
+    model = cifar_model_dict[name][0](num_classes=5).double().train(train)
+    image = _image(size=32)
+    with record(model) as full:
+        model(image)
+    with record(model, 1) as tape:
+        model(image)
+
+    def kept(t):
+        return sum(out is not None for out, _ in t.captured.values()) + len(t.inputs)
+
+    assert kept(tape) < kept(full)
+    for layer in (1, 2, "gap"):
+        torch.testing.assert_close(explain_recorded(tape, CLASSES, "lrp", layer, create_graph=train),
+                                   explain_recorded(full, CLASSES, "lrp", layer, create_graph=train), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layer='input' reads tensors that a tape recorded with layer=1 did not keep"):
+        explain_recorded(tape, CLASSES, "lrp", "input")
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_the_tape_keeps_no_batchnorm_output(train):
     """A BN output is not what the model's backward keeps (ReLU keeps its output, BN its input), so the tape does not

@@ -145,7 +145,9 @@ class ExpKD(Distiller):
             raise ConfigError(f"config {key['T']}: {self.temperature}, expected > 0")
 
     def _recording(self, model: nn.Module):
-        return record(model) if needs_tape(self.explainer, self.layer) else nullcontext()
+        """A tape that keeps only what maps at the configured layer read (for the no_grad teacher, the difference
+        between holding a few activations and all of them)."""
+        return record(model, self.layer) if needs_tape(self.explainer, self.layer) else nullcontext()
 
     def explanation_maps(self, model: nn.Module, feats: Dict[str, object], tape: Optional[Tape],
                          classes: torch.Tensor, create_graph: bool) -> torch.Tensor:
@@ -155,13 +157,18 @@ class ExpKD(Distiller):
         return explain_recorded(tape, classes, self.explainer, self.layer, self.rule, create_graph=create_graph,
                                 detach_normalizers=self.detach_normalizers and create_graph)
 
-    def forward_train(self, image, target, **kwargs):
-        with self._recording(self.student) as tape_student:
-            logits_student, feats_student = self.student(image)
-        with torch.no_grad(), self._recording(self.teacher) as tape_teacher:
+    def teacher_maps(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's logits, its top classes and their maps. Run before the student's forward, so that the
+        teacher's recorded activations are released before the student's exist."""
+        with torch.no_grad(), self._recording(self.teacher) as tape:
             logits_teacher, feats_teacher = self.teacher(image)
         classes = top_classes(logits_teacher, self.topk)
-        maps_teacher = self.explanation_maps(self.teacher, feats_teacher, tape_teacher, classes, create_graph=False)
+        return logits_teacher, classes, self.explanation_maps(self.teacher, feats_teacher, tape, classes, False)
+
+    def forward_train(self, image, target, **kwargs):
+        logits_teacher, classes, maps_teacher = self.teacher_maps(image)
+        with self._recording(self.student) as tape_student:
+            logits_student, feats_student = self.student(image)
         maps_student = self.explanation_maps(self.student, feats_student, tape_student, classes, create_graph=True)
         loss_exp = exp_loss(maps_student, maps_teacher, self.resolution, self.norm, self.temperature, self.distance)
         losses_dict = {

@@ -16,7 +16,7 @@ with the same (μ, σ²) and gets the composite's "bn" rule (Pass by default, as
 """
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -51,9 +51,17 @@ class Activations:
     def bn_affine(self, node: Node) -> Tuple[Tensor, Tensor]:
         """Per-channel (scale, shift) of the BatchNorm of a node, as it normalised the node's BN input."""
         if node.output not in self._bn:
-            bn = self.graph.module(node.modules[-1])
-            pre = self.pre_bn[node.output] if node.output in self.pre_bn else self.values[node.inputs[0]]
-            self._bn[node.output] = _bn_affine(bn, pre, self.batch_stats[node.output])
+            bn, batch_stats = self.graph.module(node.modules[-1]), self.batch_stats[node.output]
+            if node.output in self.pre_bn:
+                pre = self.pre_bn[node.output]
+            elif len(node.modules) == 1:
+                pre = self.values[node.inputs[0]]  # a BatchNorm alone normalises its input
+            elif batch_stats:
+                raise ValueError(f"explain_recorded: the output of {node.modules[0]} was not kept by the tape; record "
+                                 f"the forward with a layer at or below the one explained (record(model, layer=...))")
+            else:
+                pre = None  # running statistics: the input is not needed
+            self._bn[node.output] = _bn_affine(bn, pre, batch_stats)
         return self._bn[node.output]
 
 
@@ -71,7 +79,13 @@ class RecordedValues(dict):
         node = self.producers[key]
         if node.op not in ("conv", "linear"):
             return _forward_functional(node, [self[x] for x in node.inputs])
-        pre = self.acts.pre_bn[key] if key in self.acts.pre_bn else self[node.inputs[0]]
+        if len(node.modules) == 1 and isinstance(self.acts.graph.module(node.modules[0]), BATCHNORMS):
+            pre = self[node.inputs[0]]
+        elif key in self.acts.pre_bn:
+            pre = self.acts.pre_bn[key]
+        else:
+            raise ValueError(f"explain_recorded: the output of {node.modules[0]} was not kept by the tape; record the "
+                             f"forward with a layer at or below the one explained (record(model, layer=...))")
         return _batch_norm(self.acts.graph.module(node.modules[-1]), pre, self.acts.batch_stats[key])
 
 
@@ -154,7 +168,7 @@ def _channel_view(per_channel: Tensor, like: Tensor) -> Tensor:
     return per_channel.view(1, -1, *[1] * (like.dim() - 2))
 
 
-def _bn_affine(bn: nn.Module, pre: Tensor, batch_stats: bool) -> Tuple[Tensor, Tensor]:
+def _bn_affine(bn: nn.Module, pre: Optional[Tensor], batch_stats: bool) -> Tuple[Tensor, Tensor]:
     """Per-channel (scale, shift) of a BatchNorm as it normalised `pre`."""
     if batch_stats:
         mean, var = _BatchMoments.apply(pre)
@@ -249,8 +263,8 @@ def bind(graph: Graph, image: Tensor, captured: Dict[str, Tuple[Optional[Tensor]
     """Activations of a forward the model ran itself (`record`): no layer is run again. Conv / linear outputs and
     inputs are the recorded tensors, which the model's backward keeps anyway; BatchNorm outputs, sums and other
     elementwise results are recomputed from them when the walk reads them (`RecordedValues`). `captured` maps module
-    names to (output, uses batch statistics); a BatchNorm's output is None unless it is its input (a folded teacher's
-    identity BN)."""
+    names to (output, uses batch statistics); an output is None where the tape did not keep it (`record(layer=...)`,
+    and every BatchNorm's unless it is its input: a folded teacher's identity BN)."""
     inputs = inputs or {}
     for node in graph.nodes:
         for name in node.modules:
@@ -267,12 +281,13 @@ def bind(graph: Graph, image: Tensor, captured: Dict[str, Tuple[Optional[Tensor]
             recorded.setdefault(node.inputs[0], x.flatten(1) if node.op == "linear" else x)
         out = captured[node.modules[-1]][0]
         if not isinstance(graph.module(node.modules[-1]), BATCHNORMS):
-            recorded[node.output] = out.flatten(1) if node.op == "linear" else out
+            if out is not None:
+                recorded[node.output] = out.flatten(1) if node.op == "linear" else out
             continue
         acts.batch_stats[node.output] = captured[node.modules[-1]][1]
         if out is not None:
             recorded[node.output] = out
-        if len(node.modules) == 2:
+        if len(node.modules) == 2 and captured[node.modules[0]][0] is not None:
             acts.pre_bn[node.output] = captured[node.modules[0]][0]
     acts.values = RecordedValues(acts, recorded)
     return acts
@@ -477,21 +492,62 @@ def _recomputed(acts: Activations, node: Node, r: Tensor, spec: Spec) -> List[Te
 
 def _fold_ahead(acts: Activations, nodes: Sequence[Node]) -> None:
     """Fold the BatchNorms and layers that a walk over `nodes` reads, including through recomputed values."""
-    producers = {node.output: node for node in acts.graph.nodes}
-    keys, seen = [key for node in nodes for key in (*node.inputs, node.output)], set()
+    keys = [key for node in nodes for key in (*node.inputs, node.output)]
+    for _, node in _reads(acts.graph, keys, lambda key: key in acts.values):
+        if node.modules and isinstance(acts.graph.module(node.modules[-1]), BATCHNORMS):
+            acts.bn_affine(node)
+    for node in nodes:
+        if node.op in ("conv", "linear"):
+            acts.params(node)
+
+
+def _reads(graph: Graph, keys: List[str], recorded: Callable[[str], bool]) -> Iterator[Tuple[str, Node]]:
+    """(key, producing node) of `keys` and of every tensor that a key which is not `recorded` is recomputed from: an
+    elementwise or pooling op's inputs; a conv / linear output comes from its recorded output (BN input) instead."""
+    producers = {node.output: node for node in graph.nodes}
+    seen = set()
     while keys:
         key = keys.pop()
         if key in seen or key == INPUT:
             continue
         seen.add(key)
         node = producers[key]
-        if isinstance(acts.graph.module(node.modules[-1]) if node.modules else None, BATCHNORMS):
-            acts.bn_affine(node)
-        if key not in acts.values:
-            keys.extend(node.inputs)
-    for node in nodes:
-        if node.op in ("conv", "linear"):
-            acts.params(node)
+        yield key, node
+        if recorded(key) or (node.op in ("conv", "linear") and not isinstance(graph.module(node.modules[0]),
+                                                                               BATCHNORMS)):
+            continue
+        keys.extend(node.inputs)
+
+
+def _walk(graph: Graph, target: str) -> List[Node]:
+    """The nodes below the classifier that a walk down to tensor `target` visits, in the order it visits them."""
+    walk = []
+    for node in reversed(graph.nodes[:-1]):
+        if node.output == target:
+            break
+        walk.append(node)
+    return walk
+
+
+def tape_needs(graph: Graph, target: str) -> Tuple[Set[str], Set[str]]:
+    """(modules whose output, modules whose input) a recorded walk from the classifier down to `target` reads: the
+    conv / linear layers it visits (their outputs carry the BatchNorm statistics), and for every other tensor it
+    reads, the recorded tensors that tensor is recomputed from."""
+    readers = {}  # tensor -> a Conv2d / Linear module that reads it (the tape keeps those inputs, not a BN's)
+    for node in graph.nodes:
+        if node.op in ("conv", "linear") and not isinstance(graph.module(node.modules[0]), BATCHNORMS):
+            readers.setdefault(node.inputs[0], node.modules[0])
+    walk = _walk(graph, target) + [graph.head]
+    layers = [node for node in walk if node.op in ("conv", "linear")]
+    outputs = {node.modules[0] for node in layers} | {node.modules[-1] for node in layers}
+    inputs: Set[str] = set()
+    keys = [target] + [key for node in walk for key in (*node.inputs, node.output)]
+    for key, node in _reads(graph, keys, lambda key: key in readers):
+        if key in readers:
+            inputs.add(readers[key])
+        elif node.op in ("conv", "linear"):
+            outputs.update((node.modules[0], node.modules[-1]))
+    return outputs, inputs
 
 
 def propagate(acts: Activations, classes: Tensor, target: str, spec: Spec,
@@ -504,11 +560,7 @@ def propagate(acts: Activations, classes: Tensor, target: str, spec: Spec,
     `recompute`: checkpoint each step of a differentiable walk (see `_recomputed`).
     """
     graph = acts.graph
-    walk = []
-    for node in reversed(graph.nodes[:-1]):
-        if node.output == target:
-            break
-        walk.append(node)
+    walk = _walk(graph, target)
     if recompute:
         _fold_ahead(acts, walk)
     pending = {graph.head.inputs[0]: _head(acts, classes, spec)}

@@ -7,13 +7,13 @@
   normal forward (no recording needed).
 """
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .adapters import build_graph
-from .engine import Activations, Spec, bind, forward, propagate
+from .engine import Activations, Spec, bind, forward, propagate, tape_needs
 from .graph import BATCHNORMS, INPUT
 from .rules import RuleLike, get_composite
 
@@ -108,13 +108,23 @@ class Tape:
     the inputs of every Conv2d / Linear: the model's own activations, which the relevance graph then reuses instead
     of recomputing them (a training step keeps them for its backward anyway)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layer: Union[str, int, None] = None):
         self.model = model
+        self.layer = layer
         self.image: Optional[Tensor] = None
+        self.keep: Optional[Tuple[Set[str], Set[str]]] = None  # (outputs, inputs) kept when `layer` is given
         self.captured: Dict[str, Tuple[Tensor, bool]] = {}
         self.inputs: Dict[str, Tensor] = {}
         self._versions: Dict[Tuple[str, str], int] = {}
         self._calls: Dict[str, int] = {}
+
+    def start(self, image: Tensor) -> None:
+        if self.image is not None:
+            raise ValueError(f"record: {type(self.model).__name__} ran more than once inside one record()")
+        self.image = image
+        if self.layer is not None:
+            graph = build_graph(self.model, image.shape)
+            self.keep = tape_needs(graph, graph.resolve(self.layer))
 
     def _store(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._calls[name] = self._calls.get(name, 0) + 1
@@ -122,11 +132,14 @@ class Tape:
             # A BN output is recomputed from its input when needed: keeping it would hold one more activation per
             # layer than the model's backward does. Only an identity BN (a folded teacher's) hands its input on.
             uses_batch = module.training or module.running_mean is None
-            self.captured[name] = (output if args and output is args[0] else None, uses_batch)
+            identity = args and output is args[0] and (self.keep is None or name in self.keep[0])
+            self.captured[name] = (output if identity else None, uses_batch)
             return
-        self.captured[name] = (output, False)
-        self._versions[(name, "output")] = output._version
-        if args and isinstance(args[0], Tensor):
+        keep_output = self.keep is None or name in self.keep[0]
+        self.captured[name] = (output if keep_output else None, False)
+        if keep_output:
+            self._versions[(name, "output")] = output._version
+        if args and isinstance(args[0], Tensor) and (self.keep is None or name in self.keep[1]):
             self.inputs[name] = args[0]
             self._versions[(name, "input")] = args[0]._version
 
@@ -145,17 +158,15 @@ class Tape:
 
 
 @contextmanager
-def record(model: nn.Module) -> Iterator[Tape]:
+def record(model: nn.Module, layer: Union[str, int, None] = None) -> Iterator[Tape]:
     """`with record(model) as tape: logits, feats = model(x)` keeps the layer outputs that `explain_recorded` needs
-    (references only; nothing is copied or changed)."""
-    tape = Tape(model)
+    (references only; nothing is copied or changed).
 
-    def keep_input(module: nn.Module, args: tuple) -> None:
-        if tape.image is not None:
-            raise ValueError(f"record: {type(model).__name__} ran more than once inside one record()")
-        tape.image = args[0]
-
-    handles: List = [model.register_forward_pre_hook(keep_input)]
+    `layer`: keep only what maps down to that layer read (`explain_recorded` then refuses a deeper layer). For a
+    teacher run under no_grad, whose activations would otherwise be freed as the forward goes, this is the
+    difference between holding a few tensors and holding all of them (explaining at "gap": the last block's)."""
+    tape = Tape(model, layer)
+    handles: List = [model.register_forward_pre_hook(lambda module, args: tape.start(args[0]))]
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear) + BATCHNORMS):
             handles.append(module.register_forward_hook(
@@ -175,6 +186,11 @@ def explain_recorded(tape: Tape, classes: Tensor, method: str = "cam", layer: Un
     under autocast are promoted to the parameters' precision."""
     tape.check()
     graph = build_graph(tape.model, tape.image.shape)
+    if tape.keep is not None:
+        outputs, inputs = tape_needs(graph, graph.resolve(layer))
+        if not (outputs <= tape.keep[0] and inputs <= tape.keep[1]):
+            raise ValueError(f"explain_recorded: layer={layer!r} reads tensors that a tape recorded with "
+                             f"layer={tape.layer!r} did not keep; record with that layer or a deeper one")
     dtype = _parameter_dtype(tape.model)
 
     def prepare(t: Tensor) -> Tensor:
