@@ -57,12 +57,16 @@ class Activations:
             elif len(node.modules) == 1:
                 pre = self.values[node.inputs[0]]  # a BatchNorm alone normalises its input
             elif batch_stats:
-                raise ValueError(f"explain_recorded: the output of {node.modules[0]} was not kept by the tape; record "
-                                 f"the forward with a layer at or below the one explained (record(model, layer=...))")
+                raise _not_kept(node)
             else:
                 pre = None  # running statistics: the input is not needed
             self._bn[node.output] = _bn_affine(bn, pre, batch_stats)
         return self._bn[node.output]
+
+
+def _not_kept(node: Node) -> ValueError:
+    return ValueError(f"explain_recorded: the output of {node.modules[0]} was not kept by the tape; record the forward "
+                      f"with a layer at or below the one explained (record(model, layer=...))")
 
 
 class RecordedValues(dict):
@@ -84,8 +88,7 @@ class RecordedValues(dict):
         elif key in self.acts.pre_bn:
             pre = self.acts.pre_bn[key]
         else:
-            raise ValueError(f"explain_recorded: the output of {node.modules[0]} was not kept by the tape; record the "
-                             f"forward with a layer at or below the one explained (record(model, layer=...))")
+            raise _not_kept(node)
         return _batch_norm(self.acts.graph.module(node.modules[-1]), pre, self.acts.batch_stats[key])
 
 

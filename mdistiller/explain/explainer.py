@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .adapters import build_graph
 from .engine import Activations, Spec, bind, forward, propagate, tape_needs
-from .graph import BATCHNORMS, INPUT
+from .graph import BATCHNORMS, INPUT, Graph
 from .rules import RuleLike, get_composite
 
 METHODS = ("cam", "gradcam", "lrp", "gradient_input")
@@ -112,6 +112,7 @@ class Tape:
         self.model = model
         self.layer = layer
         self.image: Optional[Tensor] = None
+        self.graph: Optional[Graph] = None
         self.keep: Optional[Tuple[Set[str], Set[str]]] = None  # (outputs, inputs) kept when `layer` is given
         self.captured: Dict[str, Tuple[Tensor, bool]] = {}
         self.inputs: Dict[str, Tensor] = {}
@@ -123,8 +124,8 @@ class Tape:
             raise ValueError(f"record: {type(self.model).__name__} ran more than once inside one record()")
         self.image = image
         if self.layer is not None:
-            graph = build_graph(self.model, image.shape)
-            self.keep = tape_needs(graph, graph.resolve(self.layer))
+            self.graph = build_graph(self.model, image.shape)
+            self.keep = tape_needs(self.graph, self.graph.resolve(self.layer))
 
     def _store(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._calls[name] = self._calls.get(name, 0) + 1
@@ -185,8 +186,8 @@ def explain_recorded(tape: Tape, classes: Tensor, method: str = "cam", layer: Un
     differentiable through the recorded activations (the student path of a training step). Activations recorded
     under autocast are promoted to the parameters' precision."""
     tape.check()
-    graph = build_graph(tape.model, tape.image.shape)
-    if tape.keep is not None:
+    graph = tape.graph or build_graph(tape.model, tape.image.shape)
+    if tape.keep is not None and graph.resolve(layer) != graph.resolve(tape.layer):
         outputs, inputs = tape_needs(graph, graph.resolve(layer))
         if not (outputs <= tape.keep[0] and inputs <= tape.keep[1]):
             raise ValueError(f"explain_recorded: layer={layer!r} reads tensors that a tape recorded with "
