@@ -1,7 +1,8 @@
 """Cost of mdistiller.explain relative to one forward+backward (cross-entropy) of the same model on the same batch.
 
 For each model, method, layer and K (classes per sample):
-- teacher path: eval mode, the forward under no_grad inside `record`, then the maps without a graph;
+- teacher path: eval mode, the forward under no_grad inside `record(model, layer)` (which keeps only what maps at
+  that layer read), then the maps without a graph;
 - student path: train mode, the recorded forward, the maps with create_graph, and the backward of CE + an MSE on the
   maps (the full derivative, rule normalisers included; with --detach-normalizers the normalisers are constants).
 CAM uses `explain_from_features` (no recording). Times are medians over --repeats runs (CPU: process CPU time, so a
@@ -62,7 +63,7 @@ def _step(cfg: Dict, model, image, target) -> None:
         return
     student = cfg["path"] == "student"
     model.train(student)
-    with torch.set_grad_enabled(student), record(model) if method != "cam" else nullcontext() as tape:
+    with torch.set_grad_enabled(student), record(model, layer) if method != "cam" else nullcontext() as tape:
         logits, feats = model(image)
     classes = logits.detach().topk(k, 1).indices
     if method == "cam":
