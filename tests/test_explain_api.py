@@ -335,6 +335,12 @@ def test_a_tape_recorded_for_a_layer_keeps_less_and_gives_the_same_maps(name, tr
                                    explain_recorded(full, CLASSES, "lrp", layer, create_graph=train), rtol=0, atol=0)
     with pytest.raises(ValueError, match="layer='input' reads tensors that a tape recorded with layer=1 did not keep"):
         explain_recorded(tape, CLASSES, "lrp", "input")
+    acts = engine.bind(tape.graph, tape.image, tape.captured, tape.inputs)  # bound by hand: nothing checks the layer
+    convs = [node for node in tape.graph.nodes
+             if node.op == "conv" and isinstance(model.get_submodule(node.modules[0]), nn.Conv2d)]
+    dropped = next(node for node in convs if tape.captured[node.modules[0]][0] is None)
+    with pytest.raises(ValueError, match=f"the output of {dropped.modules[0]} was not kept by the tape"):
+        acts.values[dropped.output]
 
 
 @pytest.mark.parametrize("train", [False, True])
