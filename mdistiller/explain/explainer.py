@@ -104,9 +104,10 @@ def _full_precision(like: Tensor):
 
 
 class Tape:
-    """Outputs of every Conv2d / Linear / BatchNorm (with whether a BN used batch statistics) of one forward, and
-    the inputs of every Conv2d / Linear: the model's own activations, which the relevance graph then reuses instead
-    of recomputing them (a training step keeps them for its backward anyway)."""
+    """The inputs and outputs of every Conv2d / Linear of one forward, and whether each BatchNorm used batch
+    statistics: the model's own activations, which the relevance graph then reuses instead of recomputing them (a
+    training step keeps them for its backward anyway). BatchNorm outputs are not kept (they are recomputed from the
+    conv outputs); with `layer`, neither is anything that maps down to that layer do not read."""
 
     def __init__(self, model: nn.Module, layer: Union[str, int, None] = None):
         self.model = model
@@ -114,7 +115,7 @@ class Tape:
         self.image: Optional[Tensor] = None
         self.graph: Optional[Graph] = None
         self.keep: Optional[Tuple[Set[str], Set[str]]] = None  # (outputs, inputs) kept when `layer` is given
-        self.captured: Dict[str, Tuple[Tensor, bool]] = {}
+        self.captured: Dict[str, Tuple[Optional[Tensor], bool]] = {}
         self.inputs: Dict[str, Tensor] = {}
         self._versions: Dict[Tuple[str, str], int] = {}
         self._calls: Dict[str, int] = {}
