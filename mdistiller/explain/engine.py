@@ -564,7 +564,7 @@ def propagate(acts: Activations, classes: Tensor, target: str, spec: Spec,
     """
     graph = acts.graph
     walk = _walk(graph, target)
-    if recompute:
+    if recompute and torch.is_grad_enabled():  # only a differentiable walk is checkpointed
         _fold_ahead(acts, walk)
     pending = {graph.head.inputs[0]: _head(acts, classes, spec)}
     for node in walk:

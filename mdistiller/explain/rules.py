@@ -185,8 +185,9 @@ def get_composite(rule: Union[str, Rule, Composite], epsilon: Optional[float] = 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """z + eps·sign(z) with sign(0) = +1 (zennit's stabiliser), so the division never flips or explodes at 0."""
-    # z + 0.0 turns -0.0 into +0.0, so copysign gives sign(0) = +1; two passes instead of a where over scalars
-    return z + torch.copysign(torch.tensor(eps, dtype=z.dtype, device=z.device), z.detach() + 0.0)
+    # z + 0.0 turns -0.0 into +0.0, so copysign gives sign(0) = +1; two passes instead of a where over scalars.
+    # new_full fills on z's device (torch.tensor(eps, device=...) would copy from the host on every call).
+    return z + torch.copysign(z.new_full((), eps), z.detach() + 0.0)
 
 
 RuleLike = Union[str, Rule, Composite]
