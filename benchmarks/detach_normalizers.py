@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mdistiller.distillers.ExpKD import exp_loss  # noqa: E402
-from mdistiller.explain import explain_recorded, record  # noqa: E402
-from mdistiller.models import cifar_model_dict  # noqa: E402
+from mdistiller.distillers.ExpKD import exp_loss
+from mdistiller.explain import explain_recorded, record
+from mdistiller.models import cifar_model_dict
 
 
 def student_gradient(student, image, classes, teacher_maps, layer: str, detach: bool) -> torch.Tensor:

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mdistiller.explain import build_graph, explain_from_features, explain_recorded, record  # noqa: E402
-from mdistiller.explain.engine import forward  # noqa: E402
-from mdistiller.models import cifar_model_dict  # noqa: E402
+from mdistiller.explain import build_graph, explain_from_features, explain_recorded, record
+from mdistiller.explain.engine import forward
+from mdistiller.models import cifar_model_dict
 
 METHODS = ["cam@gap", "gradcam@2", "lrp@gap", "lrp@2", "lrp@input"]
 

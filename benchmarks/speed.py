@@ -30,15 +30,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdistiller.dataset import cifar100  # noqa: E402
-from mdistiller.dataset._common import ArrayImages, Instance  # noqa: E402
-from mdistiller.dataset.device_loader import DeviceLoader  # noqa: E402
-from mdistiller.distillers import distiller_dict  # noqa: E402
-from mdistiller.engine.build import build_model  # noqa: E402
-from mdistiller.engine.config import load_cfg  # noqa: E402
-from mdistiller.engine.speed import StepPrecision, prepare_model  # noqa: E402
-from mdistiller.engine.trainer import BaseTrainer, TrainMeters  # noqa: E402
-from mdistiller.engine.utils import accuracy  # noqa: E402
+from mdistiller.dataset import cifar100
+from mdistiller.dataset._common import ArrayImages, Instance
+from mdistiller.dataset.device_loader import DeviceLoader
+from mdistiller.distillers import distiller_class
+from mdistiller.models import build_model
+from mdistiller.engine.config import load_cfg
+from mdistiller.engine.speed import StepPrecision, prepare_model
+from mdistiller.engine.trainer import BaseTrainer, TrainMeters
+from mdistiller.engine.utils import accuracy
 
 NUM_CLASSES = 100
 EPOCH_IMAGES_CIFAR = 50_000
@@ -58,12 +58,12 @@ def _images(count: int, seed: int):
 def _distiller(method: str, teacher: str, student: str, opts: Sequence, fold: bool, device: torch.device):
     cfg = load_cfg(None, ["DISTILLER.TYPE", method, "DISTILLER.TEACHER", teacher, "DISTILLER.STUDENT", student,
                           *opts])
-    cls = distiller_dict[method]
+    cls = distiller_class(method)
     if not fold:
         cls = type(f"Eager{cls.__name__}", (cls,), {"fold_teacher": False})
     torch.manual_seed(0)
-    model = cls(build_model("cifar100", student, NUM_CLASSES),
-                build_model("cifar100", teacher, NUM_CLASSES, "--teacher"), cfg)
+    model = cls(build_model(student, NUM_CLASSES, "cifar100"),
+                build_model(teacher, NUM_CLASSES, "cifar100", key="--teacher"), cfg)
     return model.to(device), cfg
 
 

@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdistiller.engine.build import build_model  # noqa: E402
-from mdistiller.engine.config import load_cfg  # noqa: E402
-from mdistiller.engine.speed import StepPrecision  # noqa: E402
-from mdistiller.engine.trainer import BaseTrainer, TrainMeters  # noqa: E402
-from mdistiller.distillers import distiller_dict  # noqa: E402
+from mdistiller.models import build_model
+from mdistiller.engine.config import load_cfg
+from mdistiller.engine.speed import StepPrecision
+from mdistiller.engine.trainer import BaseTrainer, TrainMeters
+from mdistiller.distillers import distiller_class
 
 IMAGE_SIZE = {"cifar100": 32, "tiny_imagenet": 64, "imagenet": 224, "digits": 32}
 NUM_CLASSES = {"cifar100": 100, "tiny_imagenet": 200, "imagenet": 1000, "digits": 10}
@@ -50,12 +50,13 @@ def measure(
 ) -> dict:
     cfg = load_cfg(None, ["DISTILLER.TYPE", method, "DATASET.TYPE", dataset, "SOLVER.BATCH_SIZE", batch_size, *opts])
     num_classes, size = NUM_CLASSES[dataset], IMAGE_SIZE[dataset]
-    model_student = build_model(dataset, student, num_classes)
-    if method == "NONE":
-        distiller = distiller_dict[method](model_student)
+    model_student = build_model(student, num_classes, dataset, key="--student")
+    cls = distiller_class(method)
+    if not cls.needs_teacher:
+        distiller = cls(model_student)
     else:
-        model_teacher = build_model(dataset, teacher, num_classes, "--teacher")  # random weights: same cost
-        distiller = distiller_dict[method](model_student, model_teacher, cfg)
+        model_teacher = build_model(teacher, num_classes, dataset, key="--teacher")  # random weights: same cost
+        distiller = cls(model_student, model_teacher, cfg)
     device = torch.device(device)
     distiller = distiller.to(device)
     trainer = _StepTrainer(distiller, cfg)
@@ -80,7 +81,7 @@ def measure(
     meters.summary()  # raises if a loss was not finite
     result = {
         "method": method,
-        "teacher": teacher if method != "NONE" else None,
+        "teacher": teacher if distiller_class(method).needs_teacher else None,
         "student": student,
         "dataset": dataset,
         "batch_size": batch_size,

@@ -11,8 +11,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `detection` (and `mdistiller`) importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detection.config import load_cfg  # noqa: E402
-from detection.engine import evaluate_only, train  # noqa: E402
+from detection.config import load_cfg
+from detection.engine import evaluate_only, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:

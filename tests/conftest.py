@@ -1,11 +1,11 @@
-"""Shared fixtures: small generated data sets in the real on-disk layouts (see mdistiller/dataset/synthetic.py)."""
+"""Shared fixtures: small generated data sets in the real on-disk layouts (see tests/generated_data.py)."""
 import multiprocessing
 from pathlib import Path
 
 import pytest
 import torch
 
-from mdistiller.dataset.synthetic import write_cifar100, write_image_folder
+from generated_data import write_cifar100, write_image_folder
 
 # The suite's models are tiny: one intra-op thread is faster than two and keeps subprocess tests (DDP, CLI) from
 # oversubscribing a 2-core CI machine.

@@ -8,7 +8,7 @@ import torch
 
 from mdistiller.dataset import get_val_loader
 from mdistiller.distillers import Vanilla
-from mdistiller.engine.config import ConfigError
+from mdistiller.errors import ConfigError
 from mdistiller.engine.utils import validate
 from mdistiller.models import cifar_model_dict
 
@@ -32,7 +32,7 @@ def _one_line_error(capsys) -> str:
         ("SOLVER: [1, 2\n", [], "malformed YAML at line"),
         ("", ["SOLVER.LR", "fast"], "command line: SOLVER.LR = 'fast' has type str; expected float (default 0.05)"),
         ("", ["DISTILLER.TYPE", "NOPE"], "DISTILLER.TYPE = 'NOPE' is not a registered distiller"),
-        ("", ["SOLVER.TRAINER", "nope"], "SOLVER.TRAINER = 'nope' is not registered"),
+        ("", ["SOLVER.TRAINER", "nope"], "SOLVER.TRAINER = 'nope' is not a registered trainer"),
         ("", ["DATASET.TYPE", "nope"], "DATASET.TYPE='nope' is unknown"),
     ],
 )

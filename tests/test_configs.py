@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mdistiller.engine.build import check_names
+from mdistiller.launch.build import check_names
 from mdistiller.engine.config import load_cfg
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")

@@ -15,7 +15,7 @@ from mdistiller.dataset import DatasetError, cifar100, digits, get_dataset, get_
 from mdistiller.dataset._common import InstanceSample, split_train
 from mdistiller.dataset.cifar100 import CIFAR100, CIFAR100Instance, CIFAR100InstanceSample, read_split
 from mdistiller.dataset.folder import Folder
-from mdistiller.dataset.synthetic import write_image_folder
+from generated_data import write_image_folder
 from mdistiller.engine.cfg import CFG
 
 

@@ -54,11 +54,11 @@ def _step_trainer(distiller, cfg) -> BaseTrainer:
 
 def _build_distiller(cfg):
     from mdistiller.distillers import distiller_dict
-    from mdistiller.engine.build import build_model
+    from mdistiller.models import build_model
 
     torch.manual_seed(0)
-    student = build_model("cifar100", "resnet8", 100)
-    teacher = build_model("cifar100", "resnet8", 100, "DISTILLER.TEACHER")
+    student = build_model("resnet8", 100, "cifar100")
+    teacher = build_model("resnet8", 100, "cifar100")
     return distiller_dict["KD"](student, teacher, cfg)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mdistiller.engine import trainer as trainer_module
-from mdistiller.engine.build import load_teacher
+from mdistiller.launch.build import load_teacher
 from mdistiller.engine.config import load_cfg
 from mdistiller.models import cifar_model_dict
 
@@ -206,3 +206,33 @@ def test_teacher_checkpoint_of_the_wrong_model_is_a_clear_mismatch(tmp_path, cif
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"train.py: error: {teacher_file}: does not match teacher resnet20 with 100 classes")
     assert "missing keys" in err
+
+
+def test_tensorboard_gets_each_loss_term_and_the_lr_every_freq_steps(tmp_path, cifar100_root, teacher_file,
+                                                                     monkeypatch):
+    scalars = []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step, value))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trainer_module, "SummaryWriter", Recorder)
+    cfg = write_cfg(tmp_path, cifar100_root, teacher_file, "KD", tmp_path / "tb")
+    assert TRAIN.main(["--cfg", cfg, "LOG.TENSORBOARD_FREQ", "2"]) == 0
+    per_step = [(tag, step) for tag, step, _ in scalars if tag.startswith("train_step/")]
+    assert per_step == [(f"train_step/{name}", step) for step in (2, 4, 6) for name in ("loss_ce", "loss_kd", "lr")]
+    lrs = {step: value for tag, step, value in scalars if tag == "train_step/lr"}
+    assert lrs == {2: 0.05, 4: pytest.approx(0.005), 6: pytest.approx(0.005)}  # LR_DECAY_STAGES [1]
+    assert all(value > 0 for tag, _, value in scalars if tag == "train_step/loss_kd")
+    scalars.clear()
+    assert TRAIN.main(["--cfg", cfg, "LOG.TENSORBOARD_FREQ", "0", "LOG.PREFIX", str(tmp_path / "off")]) == 0
+    assert not [tag for tag, _, _ in scalars if tag.startswith("train_step/")]

@@ -5,9 +5,8 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from mdistiller.dataset.shapes import (
-    SHAPE_CLASSES, ShapesDataset, export_image_folder, get_shapes_dataloaders, make_shape_sample, write_shapes_gtsegs,
-)
+from generated_data import export_image_folder, get_shapes_dataloaders
+from mdistiller.dataset.shapes import SHAPE_CLASSES, ShapesDataset, make_shape_sample, write_shapes_gtsegs
 from mdistiller.explain.agreement import map_agreement
 from mdistiller.explain.metrics import perturbation_auc, segmentation_scores
 from mdistiller.explain.perturbation import perturbation_hits, perturbation_test, pixel_order, remove_pixels

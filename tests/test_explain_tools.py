@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from mdistiller.dataset.shapes import write_shapes_gtsegs
+from mdistiller.engine.checkpoint import CheckpointError
+from mdistiller.errors import ConfigError
 from mdistiller.explain.metrics import perturbation_auc
+from mdistiller.launch import eval_common
+from mdistiller.launch.build import load_model
 from mdistiller.models import cifar_model_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,17 +57,55 @@ def _nonempty(path):
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_checkpoint_formats_load_the_student(ev, ckpts):
+def test_checkpoint_formats_load_the_student(ckpts, tmp_path):
     a, b = ckpts["models"]
     x = torch.rand(2, 3, 32, 32)
-    for path, ref in ((ckpts["a"], a), (ckpts["bare"], a), (ckpts["b"], b)):
-        model = ev.build_model("resnet8", "shapes", 4, path)
+    torch.save({f"module.{k}": v for k, v in a.state_dict().items()}, tmp_path / "data_parallel_a")
+    for path, ref in ((ckpts["a"], a), (ckpts["bare"], a), (ckpts["b"], b), (str(tmp_path / "data_parallel_a"), a)):
+        model = load_model("resnet8", "shapes", 4, path)
+        assert not model.training
         assert torch.equal(model(x)[0], ref.eval()(x)[0]), path
-    assert ev.strip_state_dict({"module.fc.weight": torch.ones(1)}) == {"fc.weight": torch.ones(1)}
-    with pytest.raises(ValueError, match="not in the"):
-        ev.build_model("resnet9000", "shapes", 4, "none")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        ev.build_model("resnet8", "shapes", 4, "/nonexistent/ckpt")
+    random = load_model("resnet8", "shapes", 4, "none")
+    assert not random.training and random(x)[0].shape == (2, 4)
+    with pytest.raises(ConfigError, match="'resnet9000' is not in the shapes model registry"):
+        load_model("resnet9000", "shapes", 4, "none")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_model("resnet8", "shapes", 4, "/nonexistent/ckpt")
+
+
+def _one_error_line(capsys, prog, *fragments):
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"{prog}: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_model_errors_are_one_line(ev, viz, ckpts, tmp_path, capsys):
+    shapes = ["-d", "shapes", "--num-images", "4", "--out", str(tmp_path / "out")]
+    assert ev.main(["perturbation", "-m", "resnet9000", "-c", "none", *shapes]) == 2
+    _one_error_line(capsys, "explain_eval.py", "-m/--model = 'resnet9000' is not in the shapes model registry")
+    assert ev.main(["agreement", "-t", "resnet9000", "-m", "resnet8", "-c", "none", *shapes]) == 2
+    _one_error_line(capsys, "explain_eval.py", "-t/--teacher = 'resnet9000'")
+    assert ev.main(["perturbation", "-m", "resnet8", "-c", "/nonexistent/ckpt", *shapes]) == 1
+    _one_error_line(capsys, "explain_eval.py", "checkpoint not found: /nonexistent/ckpt")
+    assert ev.main(["perturbation", "-m", "resnet8", "-c", "none", "-d", "nosuchdata"]) == 2
+    _one_error_line(capsys, "explain_eval.py", "-d/--dataset = 'nosuchdata' is unknown")
+    viz_out = ["--out", str(tmp_path / "heat.png")]
+    assert viz.main(["heatmaps", "-m", "resnet9000", "-c", "none", *shapes[:-2], *viz_out]) == 2
+    _one_error_line(capsys, "visualize.py", "-m/--model = 'resnet9000' is not in the shapes model registry")
+    assert viz.main(["corr", "-t", "resnet8", "-tc", "/nonexistent/ckpt", "-m", "resnet8", "-c", ckpts["a"],
+                     *shapes[:-2], *viz_out]) == 1
+    _one_error_line(capsys, "visualize.py", "checkpoint not found: /nonexistent/ckpt", "-tc/--teacher-ckpt")
+    with pytest.raises(ConfigError):  # --debug: the exception itself, for its traceback
+        ev.main(["perturbation", "-m", "resnet9000", "-c", "none", *shapes, "--debug"])
+
+
+def test_main_returns_the_exit_status(ev, viz, tmp_path, capsys):
+    assert ev.main(["perturbation", "-m", "resnet8", "-c", "none", "-d", "shapes", "--num-images", "4", "-bs", "4",
+                    "--out", str(tmp_path / "out")]) == 0
+    assert os.path.isfile(tmp_path / "out" / "perturbation_shapes_cam_positive.json")
+    assert viz.main(["curves", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "c.png")]) == 1
+    _one_error_line(capsys, "visualize.py", "missing.txt")
 
 
 def test_perturbation_tool(ev, ckpts, tmp_path):
@@ -71,7 +113,7 @@ def test_perturbation_tool(ev, ckpts, tmp_path):
     argv = ["perturbation", "-m", "resnet8", "-c", ckpts["a"], "-m", "resnet8", "-c", ckpts["b"], "--labels", "A", "B",
             "-d", "shapes", "--num-images", "8", "-bs", "4", "--method", "cam", "--out", out,
             "--cache-dir", str(tmp_path / "cache")]
-    res = ev.main(argv)
+    res = ev.run(argv)
     for suffix in (".json", ".png"):
         _nonempty(os.path.join(out, "perturbation_shapes_cam_positive" + suffix))
     with open(os.path.join(out, "perturbation_shapes_cam_positive.json")) as f:
@@ -81,19 +123,19 @@ def test_perturbation_tool(ev, ckpts, tmp_path):
         assert len(r["accuracies"]) == 10 and r["num_images"] == 8
         assert r["auc"] == pytest.approx(perturbation_auc(r["accuracies"]))
     assert len(os.listdir(tmp_path / "cache")) == 2
-    assert ev.main(argv)["results"][0]["accuracies"] == res["results"][0]["accuracies"]  # from the cache
-    neg = ev.main(argv[:-2] + ["--negative"])
+    assert ev.run(argv)["results"][0]["accuracies"] == res["results"][0]["accuracies"]  # from the cache
+    neg = ev.run(argv[:-2] + ["--negative"])
     assert neg["test"] == "negative"
     _nonempty(os.path.join(out, "perturbation_shapes_cam_negative.png"))
     with pytest.raises(ValueError, match="one -c per -m"):
-        ev.main(["perturbation", "-m", "resnet8", "-m", "resnet8", "-c", "none", "-d", "shapes"])
+        ev.run(["perturbation", "-m", "resnet8", "-m", "resnet8", "-c", "none", "-d", "shapes"])
 
 
 def test_segmentation_tool(ev, ckpts, tmp_path):
     data = str(tmp_path / "gtsegs_shapes.mat")
     write_shapes_gtsegs(data, 6, size=32)
     out = str(tmp_path / "seg")
-    res = ev.main(["segmentation", "--data", data, "-m", "resnet8", "-c", ckpts["a"], "-d", "shapes", "--method", "cam",
+    res = ev.run(["segmentation", "--data", data, "-m", "resnet8", "-c", ckpts["a"], "-d", "shapes", "--method", "cam",
                    "-bs", "4", "--num-examples", "3", "--out", out])
     scores = res["results"][0]
     assert scores["num_images"] == 6
@@ -102,13 +144,13 @@ def test_segmentation_tool(ev, ckpts, tmp_path):
     for suffix in (".json", ".png"):
         _nonempty(os.path.join(out, "segmentation_gtsegs_shapes_cam" + suffix))
     with pytest.raises(FileNotFoundError, match="--data"):
-        ev.main(["segmentation", "--data", str(tmp_path / "missing.mat"), "-m", "resnet8", "-c", "none",
+        ev.run(["segmentation", "--data", str(tmp_path / "missing.mat"), "-m", "resnet8", "-c", "none",
                  "-d", "shapes"])
 
 
 def test_agreement_tool(ev, ckpts, tmp_path):
     out = str(tmp_path / "agree")
-    res = ev.main(["agreement", "-t", "resnet8", "-tc", ckpts["a"], "-m", "resnet8", "-c", ckpts["bare"],
+    res = ev.run(["agreement", "-t", "resnet8", "-tc", ckpts["a"], "-m", "resnet8", "-c", ckpts["bare"],
                    "-m", "resnet8", "-c", ckpts["b"], "--labels", "same", "other", "-d", "shapes",
                    "--num-images", "8", "--method", "cam", "gradcam", "--out", out])
     by = {(r["label"], r["method"]): r for r in res["results"]}
@@ -122,11 +164,11 @@ def test_agreement_tool(ev, ckpts, tmp_path):
 
 def test_visualize_figures(viz, ckpts, tmp_path):
     common = ["-d", "shapes", "--num-images", "24"]
-    viz.main(["heatmaps", "-m", "resnet8", "-c", ckpts["a"], "-m", "resnet8", "-c", ckpts["b"], "--method", "cam",
+    viz.run(["heatmaps", "-m", "resnet8", "-c", ckpts["a"], "-m", "resnet8", "-c", ckpts["b"], "--method", "cam",
               "--num-images", "3", "-d", "shapes", "--out", str(tmp_path / "heat.png")])
-    viz.main(["tsne", "-m", "resnet8", "-c", ckpts["a"], *common, "--perplexity", "5",
+    viz.run(["tsne", "-m", "resnet8", "-c", ckpts["a"], *common, "--perplexity", "5",
               "--out", str(tmp_path / "tsne.png")])
-    same = viz.main(["corr", "-t", "resnet8", "-tc", ckpts["a"], "-m", "resnet8", "-c", ckpts["bare"],
+    same = viz.run(["corr", "-t", "resnet8", "-tc", ckpts["a"], "-m", "resnet8", "-c", ckpts["bare"],
                      "-m", "resnet8", "-c", ckpts["b"], "--labels", "same", "other", *common,
                      "--out", str(tmp_path / "corr.png")])
     assert same["same"]["max"] == 0.0 and same["other"]["max"] > 0.0
@@ -156,7 +198,7 @@ def test_training_curves_from_worklogs(viz, tmp_path):
         paths.append(str(tmp_path / run / "worklog.txt"))
     log = viz.parse_worklog(paths[1])
     assert log["epoch"] == [1, 2, 3, 4] and log["test_acc"] == [8.0, 17.0, 26.0, 35.0] and log["best_acc"] == 35.0
-    res = viz.main(["curves", *paths, "--labels", "KD", "Exp-KD", "--out", str(tmp_path / "curves.png")])
+    res = viz.run(["curves", *paths, "--labels", "KD", "Exp-KD", "--out", str(tmp_path / "curves.png")])
     assert res["best_acc"] == {"KD": 31.0, "Exp-KD": 35.0} and "lr" not in res["metrics"]
     _nonempty(str(tmp_path / "curves.png"))
     (tmp_path / "bad.txt").write_text("hello\n")
@@ -167,7 +209,7 @@ def test_training_curves_from_worklogs(viz, tmp_path):
 
 def test_layer_defaults_per_method(ev):
     # at "gap" LRP and gradient x input would rank pixels exactly like CAM, so they default to the input pixels
-    assert [ev.resolve_layer(m, None) for m in ("cam", "gradcam", "lrp", "gradient_input")] == [
+    assert [eval_common.resolve_layer(m, None) for m in ("cam", "gradcam", "lrp", "gradient_input")] == [
         "gap", "gap", "input", "input"]
-    assert ev.resolve_layer("lrp", 2) == 2 and ev.build_parser().parse_args(
+    assert eval_common.resolve_layer("lrp", 2) == 2 and ev.build_parser().parse_args(
         ["perturbation", "-m", "resnet8", "--layer", "1"]).layer == 1

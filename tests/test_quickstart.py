@@ -95,7 +95,7 @@ def test_train_state_ignores_added_keys_but_not_changed_values(tmp_path):
 
 
 def test_every_quickstart_config_is_a_valid_run():
-    from mdistiller.engine.build import check_names
+    from mdistiller.launch.build import check_names
 
     for method in [qs.TEACHER, *qs.METHODS]:
         cfg = qs.load_cfg(os.path.join(qs.CONFIG_DIR, f"{method}.yaml"))

@@ -13,34 +13,19 @@ from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdistiller.engine.cli import run_cli  # noqa: E402
-
-DATASETS = ["cifar100", "imagenet", "tiny_imagenet", "digits"]
+from mdistiller.dataset import DATASETS, get_val_loader
+from mdistiller.distillers import Vanilla
+from mdistiller.engine.config import load_cfg
+from mdistiller.engine.utils import log_msg, validate
+from mdistiller.launch.build import default_device, load_model
+from mdistiller.launch.cli import run_cli
 
 
 def evaluate(model_name: str, ckpt: str, dataset: str, batch_size: int, opts: List[str]):
     """(top-1, top-5, loss) of `model_name` with weights `ckpt` on the validation split of `dataset`."""
-    from mdistiller.dataset import get_val_loader
-    from mdistiller.distillers import Vanilla
-    from mdistiller.engine.build import registry_entry, build_model, default_device
-    from mdistiller.engine.checkpoint import load_checkpoint, load_weights, model_state_dict
-    from mdistiller.engine.config import ConfigError, load_cfg
-    from mdistiller.engine.utils import log_msg, validate
-
     cfg = load_cfg(None, ["DATASET.TYPE", dataset, "DATASET.TEST.BATCH_SIZE", batch_size] + list(opts))
     val_loader, num_classes = get_val_loader(dataset, cfg.DATASET.ROOT, batch_size, cfg.DATASET.NUM_WORKERS)
-    if ckpt == "pretrain" and dataset == "imagenet":
-        model = registry_entry(dataset, model_name, "-m/--model")(pretrained=True)
-    else:
-        model = build_model(dataset, model_name, num_classes, "-m/--model")
-        if ckpt == "pretrain":
-            ckpt = registry_entry(dataset, model_name, "-m/--model")[1]
-            if ckpt is None:
-                raise ConfigError(
-                    f"-m/--model {model_name!r} has no pretrained checkpoint in the {dataset} registry; pass -c CKPT"
-                )
-        state = model_state_dict(load_checkpoint(ckpt), ckpt)
-        load_weights(model, state, ckpt, f"model {model_name} with {num_classes} classes")
+    model = load_model(model_name, dataset, num_classes, ckpt)
     distiller = Vanilla(model).to(default_device())
     top1, top5, loss = validate(val_loader, distiller)
     print(log_msg("Top-1: {:.2f}| Top-5: {:.2f}| Loss: {:.4f}".format(top1, top5, loss), "EVAL"), flush=True)
@@ -51,7 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser("evaluation of a trained model.")
     parser.add_argument("-m", "--model", type=str, default="", help="registry name, e.g. resnet8x4")
     parser.add_argument("-c", "--ckpt", type=str, default="pretrain", help="weights file (default: registry teacher)")
-    parser.add_argument("-d", "--dataset", type=str, default="cifar100", choices=DATASETS)
+    parser.add_argument("-d", "--dataset", type=str, default="cifar100", choices=sorted(DATASETS))
     parser.add_argument("-bs", "--batch-size", type=int, default=64)
     parser.add_argument("--debug", action="store_true", default=False, help="tracebacks instead of one-line errors")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")

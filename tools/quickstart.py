@@ -35,9 +35,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import yaml  # noqa: E402
+import yaml
 
-from mdistiller.engine.config import cfg_to_yaml, load_cfg  # noqa: E402
+from mdistiller.distillers import distiller_class
+from mdistiller.engine.config import cfg_to_yaml, load_cfg
 
 COMMAND = "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python tools/quickstart.py"
 CONFIG_DIR = os.path.join(REPO, "configs", "digits", "quickstart")
@@ -98,8 +99,10 @@ def schedule_overrides(cfg, epochs: int) -> Dict[str, object]:
     scale = epochs / cfg.SOLVER.EPOCHS
     overrides = {"SOLVER.EPOCHS": epochs,
                  "SOLVER.LR_DECAY_STAGES": [max(1, round(s * scale)) for s in cfg.SOLVER.LR_DECAY_STAGES]}
-    if cfg.DISTILLER.TYPE in ("DKD", "EXPKD"):
-        overrides[f"{cfg.DISTILLER.TYPE}.WARMUP"] = max(1, round(cfg[cfg.DISTILLER.TYPE].WARMUP * scale))
+    method = distiller_class(cfg.DISTILLER.TYPE)
+    if method.warmup_key:
+        node = method.config_node
+        overrides[f"{node}.{method.warmup_key}"] = max(1, round(cfg[node][method.warmup_key] * scale))
     return overrides
 
 
@@ -110,7 +113,7 @@ def run_config(method: str, seed: int, out: str, epochs: int, teacher_ckpt: str)
     base = load_cfg(source)
     overrides = {"EXPERIMENT.NAME": method if method == TEACHER else f"{method}_seed{seed}",
                  "EXPERIMENT.SEED": seed, "LOG.PREFIX": out}
-    if base.DISTILLER.TYPE != "NONE":
+    if distiller_class(base.DISTILLER.TYPE).needs_teacher:
         overrides["DISTILLER.TEACHER_CKPT"] = teacher_ckpt
     if epochs and epochs != base.SOLVER.EPOCHS:
         overrides.update(schedule_overrides(base, epochs))
@@ -506,7 +509,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             f.write(step.config_text)
     states = {step.name: train_state(step) for step in runs}
     for step in students:
-        if step.cfg.DISTILLER.TYPE != "NONE":
+        if distiller_class(step.cfg.DISTILLER.TYPE).needs_teacher:
             step.after = [teacher]
             if states[TEACHER] != "done" and states[step.name] != "new":
                 states[step.name] = "stale"  # a new teacher: its students are retrained

@@ -5,7 +5,8 @@
     python tools/visualize.py corr -t resnet32x4 -tc pretrain -m resnet8x4 -c ckpt -d cifar100
     python tools/visualize.py curves output/run_a/worklog.txt output/run_b/worklog.txt --metrics test_acc train_loss
 
-Models, checkpoints and data are resolved exactly as in tools/explain_eval.py.
+Models, checkpoints and data are resolved as in tools/explain_eval.py (mdistiller.launch.eval_common). Errors are one
+line on stderr; `--debug` shows the traceback instead.
 """
 import argparse
 import json
@@ -16,15 +17,29 @@ from typing import Dict, List, Optional
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from explain_eval import (  # noqa: E402
-    METHODS, _common, _labels, _pair_models, _save, _write_json, build_model, load_eval_data, make_map_fn,
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mdistiller.errors import ConfigError
+from mdistiller.explain import METHODS
+from mdistiller.explain.segmentation import upsample_maps
+from mdistiller.launch.build import PRETRAIN, load_model
+from mdistiller.launch.cli import run_cli
+from mdistiller.launch.eval_common import (
+    add_common_arguments,
+    add_debug_argument,
+    load_eval_data,
+    make_map_fn,
+    model_labels,
+    pair_models,
+    save_figure,
+    write_json,
 )
-from mdistiller.explain.segmentation import upsample_maps  # noqa: E402
+
+TEACHER_KEYS = {"key": "-t/--teacher", "ckpt_key": "-tc/--teacher-ckpt"}
 
 
 def parse_worklog(path: str) -> Dict[str, object]:
@@ -61,7 +76,7 @@ def parse_worklog(path: str) -> Dict[str, object]:
 
 def run_curves(args: argparse.Namespace) -> Dict[str, object]:
     if args.labels and len(args.labels) != len(args.logs):
-        raise ValueError(f"--labels: {len(args.labels)} labels for {len(args.logs)} worklog files")
+        raise ConfigError(f"--labels: {len(args.labels)} labels for {len(args.logs)} worklog files")
     logs = {label: parse_worklog(p) for label, p in zip(args.labels or args.logs, args.logs)}
     metrics = args.metrics or sorted({k for log in logs.values() for k in log if k not in ("epoch", "best_acc", "lr")})
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
@@ -73,7 +88,7 @@ def run_curves(args: argparse.Namespace) -> Dict[str, object]:
         ax.set_title(metric)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    _save(fig, args.out)
+    save_figure(fig, args.out)
     return {"metrics": metrics, "best_acc": {k: v["best_acc"] for k, v in logs.items()}}
 
 
@@ -90,12 +105,12 @@ def _predict_all(model: torch.nn.Module, loader, normalize, device) -> Dict[str,
 
 def run_heatmaps(args: argparse.Namespace) -> Dict[str, object]:
     device = torch.device(args.device)
-    ckpts = _pair_models(args)
-    labels = _labels(args, args.model, ckpts)
+    ckpts = pair_models(args)
+    labels = model_labels(args, args.model, ckpts)
     loader, normalize, num_classes = load_eval_data(args)
     images, target = next(iter(loader))
     images, target = images[: args.num_images or 8].to(device), target[: args.num_images or 8].to(device)
-    models = [build_model(n, args.dataset, num_classes, c).to(device) for n, c in zip(args.model, ckpts)]
+    models = [load_model(n, args.dataset, num_classes, c).to(device) for n, c in zip(args.model, ckpts)]
     x = normalize(images)
     with torch.no_grad():
         preds = [m(x)[0].argmax(1) for m in models]
@@ -119,7 +134,7 @@ def run_heatmaps(args: argparse.Namespace) -> Dict[str, object]:
         axes[0, 1 + j].set_title(f"{label}\n" + axes[0, 1 + j].get_title(), fontsize=6)
     for a in axes.flat:
         a.axis("off")
-    _save(fig, args.out)
+    save_figure(fig, args.out)
     return {"method": args.method, "classes": args.classes, "num_images": n}
 
 
@@ -127,12 +142,12 @@ def run_tsne(args: argparse.Namespace) -> Dict[str, object]:
     from sklearn.manifold import TSNE
 
     device = torch.device(args.device)
-    ckpts = _pair_models(args)
-    labels = _labels(args, args.model, ckpts)
+    ckpts = pair_models(args)
+    labels = model_labels(args, args.model, ckpts)
     loader, normalize, num_classes = load_eval_data(args)
     fig, axes = plt.subplots(1, len(args.model), figsize=(5 * len(args.model), 5), squeeze=False)
     for ax, name, ckpt, label in zip(axes[0], args.model, ckpts, labels):
-        res = _predict_all(build_model(name, args.dataset, num_classes, ckpt).to(device), loader, normalize, device)
+        res = _predict_all(load_model(name, args.dataset, num_classes, ckpt).to(device), loader, normalize, device)
         perplexity = min(args.perplexity, (res["pooled"].shape[0] - 1) / 3)
         tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=args.seed)
         emb = tsne.fit_transform(res["pooled"])
@@ -140,7 +155,7 @@ def run_tsne(args: argparse.Namespace) -> Dict[str, object]:
         ax.set_title(f"t-SNE of pooled features: {label}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    _save(fig, args.out)
+    save_figure(fig, args.out)
     return {"num_images": int(len(loader.dataset))}
 
 
@@ -166,14 +181,14 @@ def correlation_difference(
 
 def run_corr(args: argparse.Namespace) -> Dict[str, object]:
     device = torch.device(args.device)
-    ckpts = _pair_models(args)
-    labels = _labels(args, args.model, ckpts)
+    ckpts = pair_models(args)
+    labels = model_labels(args, args.model, ckpts)
     loader, normalize, num_classes = load_eval_data(args)
-    teacher = _predict_all(build_model(args.teacher, args.dataset, num_classes, args.teacher_ckpt).to(device),
-                           loader, normalize, device)
+    teacher_model = load_model(args.teacher, args.dataset, num_classes, args.teacher_ckpt, **TEACHER_KEYS)
+    teacher = _predict_all(teacher_model.to(device), loader, normalize, device)
     diffs = {}
     for name, ckpt, label in zip(args.model, ckpts, labels):
-        student = _predict_all(build_model(name, args.dataset, num_classes, ckpt).to(device), loader, normalize, device)
+        student = _predict_all(load_model(name, args.dataset, num_classes, ckpt).to(device), loader, normalize, device)
         diffs[label] = correlation_difference(teacher["logits"], student["logits"], teacher["labels"], num_classes)
     vmax = args.max_diff or max(float(d.max()) for d in diffs.values()) or 1.0
     fig, axes = plt.subplots(1, len(diffs), figsize=(5 * len(diffs), 4.3), squeeze=False)
@@ -183,8 +198,8 @@ def run_corr(args: argparse.Namespace) -> Dict[str, object]:
         summary[label] = {"max": float(diff.max()), "mean": float(diff.mean())}
         ax.set_title(f"|student - teacher|: {label}\nmax {diff.max():.3f} mean {diff.mean():.3f}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    _save(fig, args.out)
-    _write_json(os.path.splitext(args.out)[0] + ".json", {"teacher": args.teacher, "students": summary})
+    save_figure(fig, args.out)
+    write_json(os.path.splitext(args.out)[0] + ".json", {"teacher": args.teacher, "students": summary})
     return summary
 
 
@@ -192,32 +207,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("heatmaps", help="images x (teacher | student A | ...) heatmap grid")
-    _common(p, "cifar100")
+    add_common_arguments(p, "cifar100")
     p.add_argument("--method", choices=METHODS, default="cam")
     p.add_argument("--classes", choices=("first", "label", "own"), default="first",
                    help="explain the first model's prediction (all columns alike), the label, or each model's own")
     p = sub.add_parser("tsne", help="t-SNE of pooled features, one panel per model")
-    _common(p, "cifar100")
+    add_common_arguments(p, "cifar100")
     p.add_argument("--perplexity", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("corr", help="teacher-student difference of class-mean logit (correlation) matrices")
-    _common(p, "cifar100")
+    add_common_arguments(p, "cifar100")
     p.add_argument("-t", "--teacher", required=True)
-    p.add_argument("-tc", "--teacher-ckpt", default="pretrain")
+    p.add_argument("-tc", "--teacher-ckpt", default=PRETRAIN)
     p.add_argument("--max-diff", type=float, default=0.0, help="colour-scale maximum (0: the largest difference)")
     p = sub.add_parser("curves", help="training curves from worklog.txt files")
     p.add_argument("logs", nargs="+", help="worklog.txt files")
     p.add_argument("--labels", nargs="+")
     p.add_argument("--metrics", nargs="+", help="default: every metric in the logs except lr")
     p.add_argument("--out", default="output/visualize/curves.png")
+    add_debug_argument(p)
     for name, q in sub.choices.items():
         if name != "curves":
             q.set_defaults(out=f"output/visualize/{name}.png")
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
-    args = build_parser().parse_args(argv)
+def execute(args: argparse.Namespace) -> Dict[str, object]:
+    """Draw the subcommand's figure for parsed `args`; its summary, also printed as one JSON line."""
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     runner = {"heatmaps": run_heatmaps, "tsne": run_tsne, "corr": run_corr, "curves": run_curves}
     result = runner[args.command](args)
@@ -225,5 +241,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     return result
 
 
+def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    """The tool without its error handling (errors propagate): for tests and notebooks."""
+    return execute(build_parser().parse_args(argv))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: exit status 0, or one line on stderr and 2 (bad option value) or 1 (other errors)."""
+    args = build_parser().parse_args(argv)
+    return run_cli("visualize.py", lambda: execute(args), args.debug)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -2,21 +2,19 @@
 
 The class is the shape. Sample `i` of seed `s` is a pure function of (s, i, size, num_classes), so train/val splits
 are seed choices and nothing is stored. It serves three uses without any download: an ImageFolder-like
-classification set to train a small model (`ShapesDataset`, `get_shapes_dataloaders`, `export_image_folder`), and
-the segmentation test's ground truth, written in the `gtsegs_ijcv.mat` layout (`write_shapes_gtsegs`).
+classification set to train a small model (`ShapesDataset`), and the segmentation test's ground truth, written in the `gtsegs_ijcv.mat` layout (`write_shapes_gtsegs`).
 """
-import os
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "ellipse")
 # Per-channel statistics of seed-0 samples (all six classes), rounded; used as the training normalisation.
-SHAPES_MEAN = (0.49, 0.50, 0.49)
-SHAPES_STD = (0.24, 0.24, 0.23)
+MEAN = (0.49, 0.50, 0.49)
+STD = (0.24, 0.24, 0.23)
 TRAIN_SEED, VAL_SEED = 0, 1
 
 
@@ -122,42 +120,11 @@ class ShapesDataset(Dataset):
 
 def shapes_transform(train: bool, size: int = 32) -> transforms.Compose:
     """Train: flips and a padded crop (masks stay valid only for the val transform); val: tensor + normalise."""
-    norm = [transforms.ToTensor(), transforms.Normalize(SHAPES_MEAN, SHAPES_STD)]
+    norm = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     if not train:
         return transforms.Compose(norm)
     augment = [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
     return transforms.Compose(augment + norm)
-
-
-def get_shapes_dataloaders(
-    batch_size: int,
-    val_batch_size: int,
-    num_train: int = 2000,
-    num_val: int = 400,
-    size: int = 32,
-    num_classes: int = 4,
-    num_workers: int = 0,
-) -> Tuple[DataLoader, DataLoader, int, int]:
-    """Same return shape as `get_dataset(cfg)`: (train_loader, val_loader, num_data, num_classes)."""
-    train = ShapesDataset(num_train, size, TRAIN_SEED, num_classes, shapes_transform(True, size), with_index=True)
-    val = ShapesDataset(num_val, size, VAL_SEED, num_classes, shapes_transform(False, size))
-    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=num_workers)
-    val_loader = DataLoader(val, batch_size=val_batch_size, shuffle=False, num_workers=num_workers)
-    return train_loader, val_loader, num_train, num_classes
-
-
-def export_image_folder(
-    root: str, num_samples: int, size: int = 32, seed: int = TRAIN_SEED, num_classes: int = 4
-) -> List[str]:
-    """Write `root/<class>/<index>.png` (readable by torchvision's ImageFolder); returns the paths written."""
-    paths = []
-    for i in range(num_samples):
-        image, _, label = make_shape_sample(i, seed, size, num_classes)
-        folder = os.path.join(root, SHAPE_CLASSES[label])
-        os.makedirs(folder, exist_ok=True)
-        paths.append(os.path.join(folder, f"{i:06d}.png"))
-        Image.fromarray(image).save(paths[-1])
-    return paths
 
 
 def write_shapes_gtsegs(path: str, num_samples: int, size: int = 32, seed: int = VAL_SEED, num_classes: int = 4) -> int:

@@ -4,7 +4,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._base import FeatureDistiller
+from ._base import FeatureDistiller, register_distiller
 from ._common import match_spatial
 
 
@@ -23,8 +23,8 @@ def at_loss(g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor], p: float) 
     return sum(single_stage_at_loss(f_s, f_t, p) for f_s, f_t in zip(g_s, g_t))
 
 
+@register_distiller("AT", defaults={"P": 2, "LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 1000.0}})
 class AT(FeatureDistiller):
-    cfg_node = "AT"
 
     def __init__(self, student, teacher, cfg):
         super().__init__(student, teacher, cfg)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import Distiller, register_distiller
 from ._common import count_parameters
 
 
@@ -111,10 +111,18 @@ class ContrastMemory(nn.Module):
             memory.index_copy_(0, index.view(-1), rows / rows.pow(2).sum(1, keepdim=True).sqrt())
 
 
+@register_distiller("CRD", defaults={
+    "MODE": "exact",  # "exact" or "relax"
+    "FEAT": {"DIM": 128, "STUDENT_DIM": 256, "TEACHER_DIM": 256},
+    "LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 0.8},
+    "NCE": {"K": 16384, "MOMENTUM": 0.5, "TEMPERATURE": 0.07},
+})
 class CRD(Distiller):
     """Needs `num_data` (training-set size, the memory length) and, per step, the dataset's `index` and
     `contrastive_index` (CIFAR100InstanceSample); the banks are updated after the loss, inside this module (no
     replicas: the framework never uses DataParallel)."""
+
+    contrastive_batches = True  # batches (image, target, index, contrastive_index)
 
     def __init__(self, student, teacher, cfg, num_data: int):
         super().__init__(student, teacher)

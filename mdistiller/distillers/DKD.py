@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import Distiller, register_distiller
 
 # Upstream masks the target logit with -1000 (issue #1/#27 of mdistiller); kept for numerical identity.
 _TARGET_MASK_OFFSET = 1000.0
@@ -50,7 +50,12 @@ def dkd_warmup_factor(epoch: int, warmup: int) -> float:
     return min(epoch / warmup, 1.0) if warmup > 0 else 1.0
 
 
+@register_distiller("DKD", defaults={"CE_WEIGHT": 1.0, "ALPHA": 1.0, "BETA": 8.0, "T": 4.0, "WARMUP": 20})
 class DKD(Distiller):
+    """CE + alpha·TCKD + beta·NCKD, the KD term ramped in over WARMUP epochs."""
+
+    warmup_key = "WARMUP"
+
     def __init__(self, student, teacher, cfg):
         super().__init__(student, teacher)
         self.ce_loss_weight = cfg.DKD.CE_WEIGHT

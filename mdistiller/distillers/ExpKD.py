@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.config import ConfigError
+from ..errors import ConfigError
 from ..explain import Tape, explain_from_features, explain_recorded, record
-from ._base import Distiller
+from ._base import Distiller, register_distiller
 from .DKD import dkd_warmup_factor
 from .KD import kd_loss
 
@@ -89,8 +89,26 @@ def needs_tape(explainer: str, layer: str) -> bool:
     return not (explainer in ("cam", "gradcam") and layer == "gap")
 
 
+@register_distiller("EXPKD", defaults={
+    "CE_WEIGHT": 0.1,
+    "KD_WEIGHT": 0.9,
+    "KD_T": 4.0,
+    "EXP_WEIGHT": 100.0,  # tuned on digits with NORM l2 at 4x4 maps (docs/expkd.md)
+    "WARMUP": 20,  # epochs of linear ramp of the explanation term
+    "TOPK": 5,  # teacher's top-K classes; 0 = all classes
+    "EXPLAINER": "cam",  # "cam", "gradcam", "lrp" (mdistiller.explain)
+    "LAYER": "gap",  # "gap" or a stage index / module name (gradcam, lrp)
+    "RULE": "epsilon_plus_flat",  # LRP rule or composite
+    "DETACH_NORMALIZERS": False,  # lrp: the student's rule normalisers are constants (cheaper, approximate)
+    "RESOLUTION": 0,  # pool both maps to RxR; 0 = the student's map size
+    "NORM": "l2",  # per (sample, class) over space: "softmax" (temperature T), "l2", "none"
+    "T": 1.0,
+    "DISTANCE": "mse",  # "mse", "kl" (needs NORM softmax), "cos"
+})
 class ExpKD(Distiller):
     """CE_WEIGHT·CE + KD_WEIGHT·KD(T=KD_T) + EXP_WEIGHT·warmup(epoch)·L_exp, from the config node `EXPKD`."""
+
+    warmup_key = "WARMUP"
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
         settings, config_keys = self.settings(cfg)
@@ -179,8 +197,13 @@ class ExpKD(Distiller):
         return logits_student, losses_dict
 
 
-class CAM(ExpKD):
-    """The Exp-KD fork's registry key "CAM": its `CAM.*` keys mapped onto the Exp-KD loss.
+# The fork's node; ALPHA, BETA, METHOD and UPSAMPLE are read by nothing, as in the fork.
+@register_distiller("CAM", defaults={
+    "LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 5.0},
+    "ALPHA": 1.0, "BETA": 8.0, "T": 1.0, "K": 50, "WARMUP": 1, "METHOD": 0, "UPSAMPLE": 1,
+})
+class ExpKDFork(ExpKD):
+    """Exp-KD configured by the Exp-KD fork's registry key "CAM" and its `CAM.*` keys (not the CAM explainer).
 
     As the fork: KD weight 0.9 at temperature 4 (hard-coded there), CAMs of the teacher's top-`CAM.K` classes, the
     teacher's map resized to the student's, a softmax at temperature `CAM.T` (over space here, not over the batch),

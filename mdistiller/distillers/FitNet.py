@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import Distiller, register_distiller
 from ._common import ConvReg, count_parameters, get_feat_shapes
 
 
@@ -11,6 +11,9 @@ def fitnet_loss(f_s_regressed: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(f_s_regressed, f_t)
 
 
+@register_distiller("FITNET", defaults={
+    "HINT_LAYER": 2, "INPUT_SIZE": (32, 32), "LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 100.0},
+})
 class FitNet(Distiller):
     def __init__(self, student, teacher, cfg):
         super().__init__(student, teacher)

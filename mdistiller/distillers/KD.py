@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import Distiller, register_distiller
 
 
 def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -13,6 +13,7 @@ def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperat
     return loss * temperature**2
 
 
+@register_distiller("KD", defaults={"TEMPERATURE": 4.0, "LOSS": {"CE_WEIGHT": 0.1, "KD_WEIGHT": 0.9}})
 class KD(Distiller):
     def __init__(self, student, teacher, cfg):
         super().__init__(student, teacher)

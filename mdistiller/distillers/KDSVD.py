@@ -5,7 +5,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._base import FeatureDistiller
+from ._base import FeatureDistiller, register_distiller
 from ._common import match_spatial
 
 
@@ -55,8 +55,8 @@ def kdsvd_loss(g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor], k: int)
     return sum(losses) / g_s[0].shape[0]
 
 
+@register_distiller("KDSVD", defaults={"K": 1, "LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 1.0}})
 class KDSVD(FeatureDistiller):
-    cfg_node = "KDSVD"
 
     def __init__(self, student, teacher, cfg):
         super().__init__(student, teacher, cfg)

@@ -4,7 +4,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._base import FeatureDistiller
+from ._base import FeatureDistiller, register_distiller
 from ._common import match_spatial
 
 
@@ -26,8 +26,8 @@ def nst_loss(g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor]) -> torch.
     return sum(single_stage_nst_loss(f_s, f_t) for f_s, f_t in zip(g_s, g_t))
 
 
+@register_distiller("NST", defaults={"LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 50.0}})
 class NST(FeatureDistiller):
-    cfg_node = "NST"
 
     def feature_loss(self, feats_student, feats_teacher):
         return nst_loss(feats_student["feats"][1:], feats_teacher["feats"][1:])

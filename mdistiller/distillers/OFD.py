@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import Distiller, register_distiller
 from ._common import count_parameters
 
 
@@ -65,6 +65,11 @@ class _Connectors(nn.Module):
         self.connectors = nn.ModuleList(connectors)
 
 
+@register_distiller("OFD", defaults={
+    "LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 0.001},
+    "CONNECTOR": {"KERNEL_SIZE": 1},
+    "TEACHER_TRAIN_MODE": False,  # True: upstream's behaviour (teacher BatchNorm in train mode during distillation)
+})
 class OFD(Distiller):
     """`OFD.TEACHER_TRAIN_MODE: True` reproduces upstream, which leaves the teacher in train mode (batch statistics
     in its BatchNorm, running statistics updated); the default keeps the teacher in eval mode like every other

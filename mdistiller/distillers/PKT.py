@@ -1,7 +1,7 @@
 """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018): match cosine-similarity distributions."""
 import torch
 
-from ._base import FeatureDistiller
+from ._base import FeatureDistiller, register_distiller
 
 
 def _similarity_distribution(f: torch.Tensor, eps: float) -> torch.Tensor:
@@ -19,8 +19,8 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
     return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps)))
 
 
+@register_distiller("PKT", defaults={"LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 30000.0}})
 class PKT(FeatureDistiller):
-    cfg_node = "PKT"
 
     def feature_loss(self, feats_student, feats_teacher):
         return pkt_loss(feats_student["pooled_feat"], feats_teacher["pooled_feat"])

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import Distiller, register_distiller
 
 
 def _pdist(e: torch.Tensor, squared: bool, eps: float) -> torch.Tensor:
@@ -44,6 +44,10 @@ def rkd_loss(
     return distance_weight * loss_d + angle_weight * loss_a
 
 
+@register_distiller("RKD", defaults={
+    "DISTANCE_WEIGHT": 25.0, "ANGLE_WEIGHT": 50.0, "LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 1.0},
+    "PDIST": {"EPSILON": 1e-12, "SQUARED": False},
+})
 class RKD(Distiller):
     def __init__(self, student, teacher, cfg):
         super().__init__(student, teacher)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import Distiller, register_distiller
 from ._common import count_parameters
 
 
@@ -87,7 +87,17 @@ def reviewkd_layout(feats_student: dict, feats_teacher: dict, stu_preact: bool =
     }
 
 
+@register_distiller("REVIEWKD", defaults={
+    "CE_WEIGHT": 1.0, "REVIEWKD_WEIGHT": 1.0, "WARMUP_EPOCHS": 20,
+    "SHAPES": [1, 8, 16, 32], "OUT_SHAPES": [1, 8, 16, 32],
+    "IN_CHANNELS": [64, 128, 256, 256], "OUT_CHANNELS": [64, 128, 256, 256],
+    "MAX_MID_CHANNEL": 512, "STU_PREACT": False,
+})
 class ReviewKD(Distiller):
+    """CE + the review (HCL) loss over fused student features, ramped in over WARMUP_EPOCHS."""
+
+    warmup_key = "WARMUP_EPOCHS"
+
     def __init__(self, student, teacher, cfg):
         super().__init__(student, teacher)
         node = cfg.REVIEWKD

@@ -4,7 +4,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._base import FeatureDistiller
+from ._base import FeatureDistiller, register_distiller
 
 
 def _normalised_gram(f: torch.Tensor) -> torch.Tensor:
@@ -22,8 +22,8 @@ def sp_loss(g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor]) -> torch.T
     return sum(similarity_loss(f_s, f_t) for f_s, f_t in zip(g_s, g_t))
 
 
+@register_distiller("SP", defaults={"LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 3000.0}})
 class SP(FeatureDistiller):
-    cfg_node = "SP"
 
     def feature_loss(self, feats_student, feats_teacher):
         return sp_loss([feats_student["feats"][-1]], [feats_teacher["feats"][-1]])

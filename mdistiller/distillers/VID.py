@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import Distiller, register_distiller
 from ._common import count_parameters, get_feat_shapes, match_spatial
 
 
@@ -24,6 +24,9 @@ def vid_loss(
     return torch.mean(0.5 * ((pred_mean - f_t) ** 2 / pred_var + torch.log(pred_var)))
 
 
+@register_distiller("VID", defaults={
+    "LOSS": {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 1.0}, "EPS": 1e-5, "INIT_PRED_VAR": 5.0, "INPUT_SIZE": (32, 32),
+})
 class VID(Distiller):
     """Unlike upstream, the log-scales are registered parameters: they are optimised, saved and moved with the
     module (upstream kept them in a plain list, so they stayed at their initial value)."""

@@ -1,35 +1,31 @@
-"""Distiller registry: `distiller_dict[cfg.DISTILLER.TYPE]`."""
-from ._base import Distiller, Vanilla
-from .DKD import DKD
-from .ExpKD import CAM, ExpKD
-from .KD import KD
-from .AT import AT
-from .CRD import CRD
-from .FitNet import FitNet
-from .KDSVD import KDSVD
-from .NST import NST
-from .OFD import OFD
-from .PKT import PKT
-from .ReviewKD import ReviewKD
-from .RKD import RKD
-from .SP import SP
-from .VID import VID
+"""Distillers: `distiller_dict[cfg.DISTILLER.TYPE]`. Every module of this package is imported here and registers
+its classes with `@register_distiller` (docs/extending.md), so a new method is one new file. Each registered class
+is also an attribute of the package (`from mdistiller.distillers import KD`), as upstream."""
+import importlib
+import pkgutil
 
-distiller_dict = {
-    "NONE": Vanilla,
-    "KD": KD,
-    "DKD": DKD,
-    "EXPKD": ExpKD,
-    "CAM": CAM,  # the Exp-KD fork's key and CAM.* config node
-    "AT": AT,
-    "FITNET": FitNet,
-    "RKD": RKD,
-    "PKT": PKT,
-    "SP": SP,
-    "NST": NST,
-    "KDSVD": KDSVD,
-    "VID": VID,
-    "OFD": OFD,
-    "REVIEWKD": ReviewKD,
-    "CRD": CRD,  # needs num_data=: CRD(student, teacher, cfg, num_data)
-}
+from ._base import (
+    Distiller,
+    FeatureDistiller,
+    StudentTraining,
+    Vanilla,
+    distiller_class,
+    distiller_dict,
+    register_distiller,
+)
+
+__all__ = ["Distiller", "FeatureDistiller", "StudentTraining", "Vanilla", "distiller_class", "distiller_dict",
+           "register_distiller"]
+
+
+def _import_all() -> None:
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    for cls in list(distiller_dict.values()):
+        if cls.__module__.startswith(__name__ + "."):
+            globals()[cls.__name__] = cls
+            __all__.append(cls.__name__)
+
+
+_import_all()

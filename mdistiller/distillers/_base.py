@@ -1,9 +1,33 @@
-"""The distiller interface every method implements (same API as upstream mdistiller)."""
+"""The distiller interface every method implements (same API as upstream mdistiller), and its registry."""
+import copy
+from typing import Callable, List, Mapping, Optional, Type, TypeVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.fold import fold_batchnorm
+from ..registry import Registry
+
+# DISTILLER.TYPE -> class; filled by `register_distiller` as the modules of this package (and users' files named in
+# EXPERIMENT.IMPORTS) are imported.
+distiller_dict: Registry = Registry("distiller", "DISTILLER.TYPE")
+
+C = TypeVar("C", bound=type)
+
+
+def register_distiller(name: str, defaults: Optional[Mapping] = None,
+                       config_node: Optional[str] = None) -> Callable[[C], C]:
+    """Class decorator: `distiller_dict[name] = cls`. `defaults` (a nested mapping) becomes the config node
+    `config_node` (default: `name`), e.g. `defaults={"T": 4.0}` creates CFG.<name>.T; docs/extending.md."""
+
+    def add(cls: C) -> C:
+        cls.config_node = config_node or (name if defaults is not None else None)
+        cls.config_defaults = copy.deepcopy(dict(defaults)) if defaults is not None else None
+        distiller_dict.add(name, cls)
+        return cls
+
+    return add
 
 
 def _fold_teacher_on_first_call(teacher: nn.Module, args) -> None:
@@ -15,7 +39,41 @@ def _fold_teacher_on_first_call(teacher: nn.Module, args) -> None:
         fold_batchnorm(teacher, args[0][:2])
 
 
-class Distiller(nn.Module):
+class StudentTraining(nn.Module):
+    """What the trainer needs of any method: `forward(image=..., target=..., epoch=...)` returns
+    `(logits, {name: loss})` in train mode and the student's logits in eval mode.
+
+    Class attributes are the facts about a method that the rest of the framework reads (never a list elsewhere):
+    `config_node`/`config_defaults` (set by `register_distiller`), `needs_teacher`, `contrastive_batches` (the data
+    set yields (image, target, index, contrastive_index), CRD) and `warmup_key` (the key of its config node that
+    holds warm-up epochs, scaled when a schedule is shortened)."""
+
+    config_node: Optional[str] = None
+    config_defaults: Optional[dict] = None
+    needs_teacher = True
+    contrastive_batches = False
+    warmup_key: Optional[str] = None
+
+    def get_learnable_parameters(self) -> List[nn.Parameter]:
+        return [param for param in self.student.parameters()]
+
+    def get_extra_parameters(self) -> int:
+        """Number of parameters the method adds on top of the student (connectors, memories)."""
+        return 0
+
+    def forward_train(self, **kwargs):
+        raise NotImplementedError()
+
+    def forward_test(self, image):
+        return self.student(image)[0]
+
+    def forward(self, **kwargs):
+        if self.training:
+            return self.forward_train(**kwargs)
+        return self.forward_test(kwargs["image"])
+
+
+class Distiller(StudentTraining):
     """A student trained against a frozen teacher; `forward_train` returns `(logits, {name: loss})`.
 
     The teacher's BatchNorm is folded into its convolutions on its first eval-mode call (exact, state dict
@@ -44,63 +102,33 @@ class Distiller(nn.Module):
         self.teacher.eval()
         return self
 
-    def get_learnable_parameters(self):
-        return [param for param in self.student.parameters()]
 
-    def get_extra_parameters(self) -> int:
-        """Number of parameters the method adds on top of the student (connectors, memories)."""
-        return 0
+@register_distiller("NONE")
+class Vanilla(StudentTraining):
+    """Plain supervised training of the student alone (no teacher)."""
 
-    def forward_train(self, **kwargs):
-        raise NotImplementedError()
-
-    def forward_test(self, image):
-        return self.student(image)[0]
-
-    def forward(self, **kwargs):
-        if self.training:
-            return self.forward_train(**kwargs)
-        return self.forward_test(kwargs["image"])
-
-
-class Vanilla(nn.Module):
-    """Plain supervised training of the student alone (registry key "NONE")."""
+    needs_teacher = False
 
     def __init__(self, student: nn.Module):
         super().__init__()
         self.student = student
-
-    def get_learnable_parameters(self):
-        return [param for param in self.student.parameters()]
-
-    def get_extra_parameters(self) -> int:
-        return 0
 
     def forward_train(self, image, target, **kwargs):
         logits_student, _ = self.student(image)
         loss = F.cross_entropy(logits_student, target)
         return logits_student, {"ce": loss}
 
-    def forward_test(self, image):
-        return self.student(image)[0]
-
-    def forward(self, **kwargs):
-        if self.training:
-            return self.forward_train(**kwargs)
-        return self.forward_test(kwargs["image"])
-
 
 class FeatureDistiller(Distiller):
     """CE plus FEAT_WEIGHT times a loss between student and teacher features (AT, NST, SP, PKT, KDSVD).
 
-    Subclasses name their config node (which has LOSS.CE_WEIGHT and LOSS.FEAT_WEIGHT) and define `feature_loss`."""
-
-    cfg_node = ""
+    Subclasses are registered with a config node holding LOSS.CE_WEIGHT and LOSS.FEAT_WEIGHT and define
+    `feature_loss`."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
         super().__init__(student, teacher)
-        self.ce_loss_weight = cfg[self.cfg_node].LOSS.CE_WEIGHT
-        self.feat_loss_weight = cfg[self.cfg_node].LOSS.FEAT_WEIGHT
+        self.ce_loss_weight = cfg[self.config_node].LOSS.CE_WEIGHT
+        self.feat_loss_weight = cfg[self.config_node].LOSS.FEAT_WEIGHT
 
     def feature_loss(self, feats_student: dict, feats_teacher: dict):
         raise NotImplementedError()
@@ -114,3 +142,8 @@ class FeatureDistiller(Distiller):
             "loss_kd": self.feat_loss_weight * self.feature_loss(feats_student, feats_teacher),
         }
         return logits_student, losses_dict
+
+
+def distiller_class(name: str) -> Type[StudentTraining]:
+    """The class registered as DISTILLER.TYPE `name` (a ConfigError listing the registered names otherwise)."""
+    return distiller_dict.lookup(name)

@@ -1,10 +1,7 @@
-"""Training engine: trainer registry `trainer_dict[cfg.SOLVER.TRAINER]` (upstream names)."""
-from .trainer import BaseTrainer
-from .trainers_extra import CRDDOT, DOT, CRDTrainer
+"""Training engine: the loop and its services (checkpoints, RNG, signals, locks, DDP, speed options, configs), and
+the trainer registry `trainer_dict[cfg.SOLVER.TRAINER]` (upstream names)."""
+from .crd_trainer import CRDTrainer
+from .dot_trainer import CRDDOT, DOT
+from .trainer import BaseTrainer, register_trainer, trainer_dict
 
-trainer_dict = {
-    "base": BaseTrainer,
-    "crd": CRDTrainer,
-    "dot": DOT,
-    "crd_dot": CRDDOT,
-}
+__all__ = ["BaseTrainer", "CRDTrainer", "DOT", "CRDDOT", "register_trainer", "trainer_dict"]

@@ -1,11 +1,16 @@
-"""Every configuration default of the framework, in one yacs node (upstream mdistiller keys first)."""
+"""Every configuration default of the framework, in one yacs node: the general nodes here, and one node per
+distiller, declared next to its class (`register_distiller(name, defaults=...)`) and added here when it registers."""
+import copy
+
 from yacs.config import CfgNode as CN
+
+from ..distillers import distiller_dict
+from ..errors import ConfigError
+from .utils import log_msg
 
 
 def show_cfg(cfg: CN) -> None:
     """Print the general nodes and the node of the chosen distiller (upstream's start-of-run dump)."""
-    from .utils import log_msg
-
     dump_cfg = CN()
     for key in ("EXPERIMENT", "DATASET", "DISTILLER", "SOLVER", "LOG"):
         dump_cfg[key] = cfg[key]
@@ -23,6 +28,7 @@ CFG.EXPERIMENT.NAME = ""
 CFG.EXPERIMENT.TAG = "default"
 CFG.EXPERIMENT.SEED = -1  # -1: not seeded (upstream behaviour)
 CFG.EXPERIMENT.DETERMINISTIC = False
+CFG.EXPERIMENT.IMPORTS = []  # modules or .py files imported before anything is built (users' distillers, trainers)
 
 # Dataset
 CFG.DATASET = CN()
@@ -54,7 +60,7 @@ CFG.SOLVER.LR_DECAY_RATE = 0.1
 CFG.SOLVER.WEIGHT_DECAY = 0.0001
 CFG.SOLVER.MOMENTUM = 0.9
 CFG.SOLVER.TYPE = "SGD"
-# Speed (issue 8). BATCH_SIZE is the global batch: under torchrun each of WORLD_SIZE ranks takes BATCH_SIZE/WORLD_SIZE.
+# Speed (docs/reliability.md). BATCH_SIZE is the global batch: under torchrun each of WORLD_SIZE ranks takes BATCH_SIZE/WORLD_SIZE.
 CFG.SOLVER.SYNC_BN = False  # DDP only: student BatchNorm statistics over the global batch
 CFG.SOLVER.AMP = ""  # "", "bf16" or "fp16" (with a GradScaler); CUDA only, ignored on CPU
 CFG.SOLVER.CHANNELS_LAST = False  # models and batches in NHWC memory format
@@ -65,136 +71,24 @@ CFG.SOLVER.DOT.DELTA = 0.075
 
 # Log
 CFG.LOG = CN()
-CFG.LOG.TENSORBOARD_FREQ = 500
+CFG.LOG.TENSORBOARD_FREQ = 500  # every N training steps: each loss term and the LR to TensorBoard; 0: off
 CFG.LOG.SAVE_CHECKPOINT_FREQ = 40
 CFG.LOG.PREFIX = "./output"
 CFG.LOG.WANDB = False
 
-# Distillation methods
-CFG.KD = CN()
-CFG.KD.TEMPERATURE = 4
-CFG.KD.LOSS = CN()
-CFG.KD.LOSS.CE_WEIGHT = 0.1
-CFG.KD.LOSS.KD_WEIGHT = 0.9
 
-CFG.AT = CN()
-CFG.AT.P = 2
-CFG.AT.LOSS = CN()
-CFG.AT.LOSS.CE_WEIGHT = 1.0
-CFG.AT.LOSS.FEAT_WEIGHT = 1000.0
 
-CFG.RKD = CN()
-CFG.RKD.DISTANCE_WEIGHT = 25
-CFG.RKD.ANGLE_WEIGHT = 50
-CFG.RKD.LOSS = CN()
-CFG.RKD.LOSS.CE_WEIGHT = 1.0
-CFG.RKD.LOSS.FEAT_WEIGHT = 1.0
-CFG.RKD.PDIST = CN()
-CFG.RKD.PDIST.EPSILON = 1e-12
-CFG.RKD.PDIST.SQUARED = False
+def add_distiller_node(name: str, cls: type) -> None:
+    """Add the config node a distiller declared (called for every registered distiller, now and later)."""
+    node, defaults = getattr(cls, "config_node", None), getattr(cls, "config_defaults", None)
+    if not node or defaults is None:
+        return
+    if node in CFG:
+        if not isinstance(CFG[node], CN) or CFG[node] != CN(copy.deepcopy(defaults)):
+            raise ConfigError(f"distiller {name!r} declares the config node {node}, which already exists with other "
+                              f"defaults; choose another node name")
+        return
+    CFG[node] = CN(copy.deepcopy(defaults))
 
-CFG.FITNET = CN()
-CFG.FITNET.HINT_LAYER = 2
-CFG.FITNET.INPUT_SIZE = (32, 32)
-CFG.FITNET.LOSS = CN()
-CFG.FITNET.LOSS.CE_WEIGHT = 1.0
-CFG.FITNET.LOSS.FEAT_WEIGHT = 100.0
 
-CFG.KDSVD = CN()
-CFG.KDSVD.K = 1
-CFG.KDSVD.LOSS = CN()
-CFG.KDSVD.LOSS.CE_WEIGHT = 1.0
-CFG.KDSVD.LOSS.FEAT_WEIGHT = 1.0
-
-CFG.OFD = CN()
-CFG.OFD.LOSS = CN()
-CFG.OFD.LOSS.CE_WEIGHT = 1.0
-CFG.OFD.LOSS.FEAT_WEIGHT = 0.001
-CFG.OFD.CONNECTOR = CN()
-CFG.OFD.CONNECTOR.KERNEL_SIZE = 1
-CFG.OFD.TEACHER_TRAIN_MODE = False  # True: upstream's behaviour (teacher BatchNorm in train mode during distillation)
-
-CFG.NST = CN()
-CFG.NST.LOSS = CN()
-CFG.NST.LOSS.CE_WEIGHT = 1.0
-CFG.NST.LOSS.FEAT_WEIGHT = 50.0
-
-CFG.PKT = CN()
-CFG.PKT.LOSS = CN()
-CFG.PKT.LOSS.CE_WEIGHT = 1.0
-CFG.PKT.LOSS.FEAT_WEIGHT = 30000.0
-
-CFG.SP = CN()
-CFG.SP.LOSS = CN()
-CFG.SP.LOSS.CE_WEIGHT = 1.0
-CFG.SP.LOSS.FEAT_WEIGHT = 3000.0
-
-CFG.VID = CN()
-CFG.VID.LOSS = CN()
-CFG.VID.LOSS.CE_WEIGHT = 1.0
-CFG.VID.LOSS.FEAT_WEIGHT = 1.0
-CFG.VID.EPS = 1e-5
-CFG.VID.INIT_PRED_VAR = 5.0
-CFG.VID.INPUT_SIZE = (32, 32)
-
-CFG.CRD = CN()
-CFG.CRD.MODE = "exact"  # "exact" or "relax"
-CFG.CRD.FEAT = CN()
-CFG.CRD.FEAT.DIM = 128
-CFG.CRD.FEAT.STUDENT_DIM = 256
-CFG.CRD.FEAT.TEACHER_DIM = 256
-CFG.CRD.LOSS = CN()
-CFG.CRD.LOSS.CE_WEIGHT = 1.0
-CFG.CRD.LOSS.FEAT_WEIGHT = 0.8
-CFG.CRD.NCE = CN()
-CFG.CRD.NCE.K = 16384
-CFG.CRD.NCE.MOMENTUM = 0.5
-CFG.CRD.NCE.TEMPERATURE = 0.07
-
-CFG.REVIEWKD = CN()
-CFG.REVIEWKD.CE_WEIGHT = 1.0
-CFG.REVIEWKD.REVIEWKD_WEIGHT = 1.0
-CFG.REVIEWKD.WARMUP_EPOCHS = 20
-CFG.REVIEWKD.SHAPES = [1, 8, 16, 32]
-CFG.REVIEWKD.OUT_SHAPES = [1, 8, 16, 32]
-CFG.REVIEWKD.IN_CHANNELS = [64, 128, 256, 256]
-CFG.REVIEWKD.OUT_CHANNELS = [64, 128, 256, 256]
-CFG.REVIEWKD.MAX_MID_CHANNEL = 512
-CFG.REVIEWKD.STU_PREACT = False
-
-CFG.DKD = CN()
-CFG.DKD.CE_WEIGHT = 1.0
-CFG.DKD.ALPHA = 1.0
-CFG.DKD.BETA = 8.0
-CFG.DKD.T = 4.0
-CFG.DKD.WARMUP = 20
-
-# Exp-KD (issue 5): CE + KD + explanation-map transfer on the teacher's top-K classes
-CFG.EXPKD = CN()
-CFG.EXPKD.CE_WEIGHT = 0.1
-CFG.EXPKD.KD_WEIGHT = 0.9
-CFG.EXPKD.KD_T = 4.0
-CFG.EXPKD.EXP_WEIGHT = 100.0  # tuned on digits with NORM l2 at 4x4 maps (docs/expkd.md)
-CFG.EXPKD.WARMUP = 20  # epochs of linear ramp of the explanation term
-CFG.EXPKD.TOPK = 5  # teacher's top-K classes; 0 = all classes
-CFG.EXPKD.EXPLAINER = "cam"  # "cam", "gradcam", "lrp" (mdistiller.explain)
-CFG.EXPKD.LAYER = "gap"  # "gap" or a stage index / module name (gradcam, lrp)
-CFG.EXPKD.RULE = "epsilon_plus_flat"  # LRP rule or composite
-CFG.EXPKD.DETACH_NORMALIZERS = False  # lrp: the student's rule normalisers are constants (cheaper, approximate)
-CFG.EXPKD.RESOLUTION = 0  # pool both maps to RxR; 0 = the student's map size
-CFG.EXPKD.NORM = "l2"  # per (sample, class) over space: "softmax" (temperature T), "l2", "none"
-CFG.EXPKD.T = 1.0
-CFG.EXPKD.DISTANCE = "mse"  # "mse", "kl" (needs NORM softmax), "cos"
-
-# The Exp-KD fork's node, read by the "CAM" alias (ALPHA, BETA, METHOD, UPSAMPLE are unused, as in the fork)
-CFG.CAM = CN()
-CFG.CAM.LOSS = CN()
-CFG.CAM.LOSS.CE_WEIGHT = 1.0
-CFG.CAM.LOSS.FEAT_WEIGHT = 5.0
-CFG.CAM.ALPHA = 1.0
-CFG.CAM.BETA = 8.0
-CFG.CAM.T = 1.0
-CFG.CAM.K = 50
-CFG.CAM.WARMUP = 1
-CFG.CAM.METHOD = 0
-CFG.CAM.UPSAMPLE = 1
+distiller_dict.subscribe(add_distiller_node)

@@ -12,11 +12,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 import yaml
 from yacs.config import CfgNode, _check_and_coerce_cfg_value_type
 
+from ..errors import ConfigError
 from .cfg import CFG
+from .imports import KEY as IMPORTS_KEY
+from .imports import import_modules
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be merged into the defaults."""
+__all__ = ["ConfigError", "load_cfg", "merge_file", "merge_opts", "experiment_name", "cfg_to_yaml", "dump_cfg"]
 
 
 def _expected(default: Any) -> str:
@@ -65,8 +66,8 @@ def _merge_mapping(source: str, mapping: dict, node: CfgNode, prefix: str) -> No
             node[key] = _coerce(source, full_key, value, default)
 
 
-def merge_file(cfg: CfgNode, path: str) -> None:
-    """Merge a yaml file into `cfg` (unfrozen) or raise ConfigError naming the file."""
+def read_yaml(path: str) -> dict:
+    """The mapping of a yaml config file ({} when empty), or a ConfigError naming the file and the problem."""
     try:
         with open(path, "r") as f:
             text = f.read()
@@ -80,10 +81,15 @@ def merge_file(cfg: CfgNode, path: str) -> None:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
-        return
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level is a {type(data).__name__}; expected a mapping of config keys")
-    _merge_mapping(path, data, cfg, "")
+    return data
+
+
+def merge_file(cfg: CfgNode, path: str) -> None:
+    """Merge a yaml file into `cfg` (unfrozen) or raise ConfigError naming the file."""
+    _merge_mapping(path, read_yaml(path), cfg, "")
 
 
 def merge_opts(cfg: CfgNode, opts: Sequence[str], source: str = "command line") -> None:
@@ -104,12 +110,32 @@ def merge_opts(cfg: CfgNode, opts: Sequence[str], source: str = "command line") 
         node[parts[-1]] = _coerce(source, str(full_key), value, node[parts[-1]])
 
 
+def _declared_imports(path: Optional[str], data: dict, opts: Sequence[str]) -> Tuple[str, Any]:
+    """(source, EXPERIMENT.IMPORTS) as the overrides or else the file set it, read before the merge."""
+    for key, value in reversed(list(zip(opts[0::2], opts[1::2]))):
+        if key == IMPORTS_KEY:
+            return "command line", CfgNode._decode_cfg_value(value)
+    experiment = data.get("EXPERIMENT")
+    if isinstance(experiment, dict) and "IMPORTS" in experiment:
+        return str(path), experiment["IMPORTS"]
+    return "", []
+
+
 def load_cfg(path: Optional[str], opts: Sequence[str] = (), freeze: bool = True) -> CfgNode:
-    """Defaults + `path` (if given) + overrides, as `tools/train.py` builds it."""
+    """Defaults + `path` (if given) + overrides, as `tools/train.py` builds it. The modules named in
+    EXPERIMENT.IMPORTS are imported first, so the config nodes of the distillers they register can be set."""
+    opts = list(opts)
+    data = read_yaml(path) if path else {}
+    source, imports = _declared_imports(path, data, opts)
+    if imports:
+        if not isinstance(imports, (list, tuple)):
+            raise ConfigError(f"{source}: {IMPORTS_KEY} = {imports!r}; expected a list of module names or .py paths")
+        imports = import_modules(imports, source, [os.path.dirname(os.path.abspath(path))] if path else [])
     cfg = CFG.clone()
-    if path:
-        merge_file(cfg, path)
-    merge_opts(cfg, list(opts))
+    _merge_mapping(str(path), data, cfg, "")
+    merge_opts(cfg, opts)
+    if imports:
+        cfg.EXPERIMENT.IMPORTS = list(imports)
     if freeze:
         cfg.freeze()
     return cfg

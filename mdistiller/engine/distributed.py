@@ -15,10 +15,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["init_from_env", "is_distributed", "rank", "world_size", "is_main", "shard_loaders", "wrap_model",
-           "unwrap", "all_reduce_sum", "Inert", "ShardSampler", "DistillerDDP"]
+           "unwrap", "all_reduce_sum", "NoOpWriter", "ShardSampler", "DistillerDDP"]
 
 
 def is_distributed() -> bool:
@@ -65,7 +65,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class Inert:
+class NoOpWriter:
     """Stands in for rank 0's writers (run lock, TensorBoard) on the other ranks: every method call does nothing."""
 
     def __getattr__(self, name: str):

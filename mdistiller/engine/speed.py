@@ -9,7 +9,7 @@ from typing import ContextManager, Dict
 import torch
 import torch.nn as nn
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 AMP_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -12,14 +12,24 @@ import torch
 import torch.nn as nn
 from tensorboardX import SummaryWriter
 
-from .checkpoint import CheckpointError, add_prefix, load_checkpoint, load_weights, save_checkpoint, strip_prefix
+from ..dataset import batches
+from ..errors import ConfigError
+from ..registry import Registry
 from . import distributed, speed
-from .config import ConfigError, dump_cfg
+from .checkpoint import CheckpointError, add_prefix, load_checkpoint, load_weights, save_checkpoint, strip_prefix
+from .config import dump_cfg
 from .lock import RunLock
 from .rng import capture_rng_state, restore_rng_state
 from .signals import GracefulStop
-from ..dataset._common import batches
 from .utils import REFRESH_SECONDS, adjust_learning_rate, correct_counts, log_msg, progress_bar, validate
+
+# SOLVER.TRAINER -> trainer class (upstream names: base, crd, dot, crd_dot); users' trainers register the same way.
+trainer_dict: Registry = Registry("trainer", "SOLVER.TRAINER")
+
+
+def register_trainer(name: str):
+    """Class decorator: `trainer_dict[name] = cls`."""
+    return trainer_dict.register(name)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,6 +58,7 @@ class TrainMeters:
         # per loss term: first step (1-based) where it was not finite (0: none yet), and its value there
         self.first_bad_step: Optional[torch.Tensor] = None
         self.first_bad_value: Optional[torch.Tensor] = None
+        self.last_terms: Optional[torch.Tensor] = None  # the loss terms of the latest step, on the device
         self.start = time.monotonic()
 
     def update(
@@ -59,6 +70,7 @@ class TrainMeters:
         correct = correct_counts(preds.detach(), target, (1, 5))
         self.sums += torch.cat([(loss.detach() * batch_size).reshape(1), correct]).double()
         terms = torch.stack([value.detach().float().mean() for value in losses_dict.values()])
+        self.last_terms = terms
         if self.first_bad_step is None:
             self.names = list(losses_dict)
             self.first_bad_step = torch.zeros(len(self.names), dtype=torch.long, device=terms.device)
@@ -115,8 +127,14 @@ def start_wandb(cfg, experiment_name: str, tags: Sequence[str], log_dir: str):
         return None
 
 
+@register_trainer("base")
 class BaseTrainer:
-    """SGD over `distiller.get_learnable_parameters()`, step LR schedule, per-epoch validation, logs, checkpoints."""
+    """SGD over `distiller.get_learnable_parameters()`, step LR schedule, per-epoch validation, logs, checkpoints.
+
+    `contrastive_batches`: whether `unpack_batch` reads CRD's (image, target, index, contrastive_index) batches; a
+    distiller and a trainer must agree on it."""
+
+    contrastive_batches = False
 
     def __init__(
         self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg, tags: Sequence[str] = ()
@@ -134,12 +152,12 @@ class BaseTrainer:
         self.last_acc = -1.0
         self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
         os.makedirs(self.log_path, exist_ok=True)
-        self.run_lock = RunLock(self.log_path) if self.main else distributed.Inert()  # before any write into it
+        self.run_lock = RunLock(self.log_path) if self.main else distributed.NoOpWriter()  # before any write into it
         self.stop = GracefulStop()
         if self.main:
             dump_cfg(cfg, os.path.join(self.log_path, "config.yaml"))
         events = os.path.join(self.log_path, "train.events")
-        self.tf_writer = SummaryWriter(events) if self.main else distributed.Inert()
+        self.tf_writer = SummaryWriter(events) if self.main else distributed.NoOpWriter()
         self.wandb = start_wandb(cfg, experiment_name, tags, self.log_path) if self.main else None
 
     def init_optimizer(self, cfg) -> torch.optim.Optimizer:
@@ -154,6 +172,14 @@ class BaseTrainer:
         )
 
     # ------------------------------------------------------------------ logging
+    def log_step(self, step: int, lr: float, meters: TrainMeters) -> None:
+        """Every LOG.TENSORBOARD_FREQ training steps: each loss term of the latest step and the LR (one host sync)."""
+        if not self.main or meters.last_terms is None:
+            return
+        for name, value in zip(meters.names, meters.last_terms.tolist()):
+            self.tf_writer.add_scalar(f"train_step/{name}", value, step)
+        self.tf_writer.add_scalar("train_step/lr", lr, step)
+
     def log(self, lr: float, epoch: int, log_dict: Dict[str, float]) -> None:
         for key, value in log_dict.items():
             self.tf_writer.add_scalar(key, value, epoch)
@@ -269,6 +295,9 @@ class BaseTrainer:
             with batches(self.train_loader) as stream:
                 for data in stream:
                     self.train_iter(data, epoch, meters)
+                    step = (epoch - 1) * len(self.train_loader) + meters.steps
+                    if self.cfg.LOG.TENSORBOARD_FREQ and step % self.cfg.LOG.TENSORBOARD_FREQ == 0:
+                        self.log_step(step, lr, meters)
                     self.stop.check(epoch, meters.steps, os.path.join(self.log_path, "latest"))
                     pbar.update()
                     if time.monotonic() - last_refresh >= REFRESH_SECONDS:

@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..dataset._common import batches
+from ..dataset import batches
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401  (upstream imports them from here)
+from .distributed import all_reduce_sum, unwrap
 
 # Seconds between two refreshes of a live progress bar; also the longest a NaN can go unnoticed.
 REFRESH_SECONDS = 1.0
@@ -88,8 +89,6 @@ def unpack_eval_batch(batch: Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
 def validate(val_loader, distiller: nn.Module) -> Tuple[float, float, float]:
     """Top-1, top-5 (percent) and mean cross-entropy of `distiller(image=...)` in eval mode over `val_loader`
     (under torchrun: this rank's shard, summed over ranks; the DDP wrapper is bypassed, shards may differ in length)."""
-    from .distributed import all_reduce_sum, unwrap
-
     distiller = unwrap(distiller)
     device = next(distiller.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct@1, correct@5

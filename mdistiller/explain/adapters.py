@@ -236,7 +236,7 @@ def _torchvision_vgg(g: GraphBuilder, model: nn.Module) -> None:
     x = g.flatten(g.avgpool(x, "avgpool"))
     children = list(model.classifier.named_children())
     last = max(i for i, (_, child) in enumerate(children) if isinstance(child, nn.Linear))
-    for i, (name, child) in enumerate(children[:last]):
+    for name, child in children[:last]:
         if isinstance(child, nn.Linear):
             x = g.conv(x, f"classifier.{name}")
         elif isinstance(child, nn.ReLU):

@@ -8,7 +8,7 @@ from typing import Callable, Dict, Iterable, Tuple
 import torch
 import torch.nn.functional as F
 
-from .segmentation import upsample_maps
+from .segmentation import CPU, upsample_maps
 
 MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -47,7 +47,7 @@ def agreement_test(
     normalize_student: Callable[[torch.Tensor], torch.Tensor],
     target: str = "teacher",
     top: float = 0.2,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
 ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
     """Mean agreement over ([0, 1] images, labels) batches, both models explaining the same class: the teacher's
     prediction (`target="teacher"`) or the label (`"label"`). Returns the means and the per-sample values."""

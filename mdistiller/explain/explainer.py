@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 from .adapters import build_graph
+from .batchnorm import BATCHNORMS, is_batchnorm, uses_batch_stats
 from .engine import Activations, Spec, bind, forward, propagate, tape_needs
-from .graph import BATCHNORMS, INPUT, Graph
+from .graph import INPUT, Graph
 from .rules import RuleLike, get_composite
 
 METHODS = ("cam", "gradcam", "lrp", "gradient_input")
@@ -130,10 +131,10 @@ class Tape:
 
     def _store(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._calls[name] = self._calls.get(name, 0) + 1
-        if isinstance(module, BATCHNORMS):
+        if is_batchnorm(module):
             # A BN output is recomputed from its input when needed: keeping it would hold one more activation per
             # layer than the model's backward does. Only an identity BN (a folded teacher's) hands its input on.
-            uses_batch = module.training or module.running_mean is None
+            uses_batch = uses_batch_stats(module)
             identity = args and output is args[0] and (self.keep is None or name in self.keep[0])
             self.captured[name] = (output if identity else None, uses_batch)
             return

@@ -8,17 +8,17 @@ forward and send relevance or gradients back through every op. Ops:
   depthwise 1x1 "conv" whose parameters are its affine map (role "bn").
 - "act" (relu, relu6), "add", "cat", "slice" (one side of a channel split), "shuffle" (channel shuffle),
   "avgpool", "maxpool", "gap" (spatial mean to [B, C]), "flatten".
+
+What the engine does with each op (forward, recomputation, relevance and gradient) is its object in `ops.OPS`.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch.nn as nn
 
-from ..models.fold import FoldedBatchNorm2d
+from .batchnorm import is_batchnorm
 
 INPUT = "input"
-# a BatchNorm2d, or one that `mdistiller.models.fold` folded into its conv (same state; identity in eval mode)
-BATCHNORMS = (nn.BatchNorm2d, FoldedBatchNorm2d)
 NONNEG_OPS = ("act",)
 INHERIT_OPS = ("add", "cat", "slice", "shuffle", "avgpool", "maxpool", "gap", "flatten")
 
@@ -164,12 +164,12 @@ class GraphBuilder:
             name = f"{prefix}.{child_name}"
             if isinstance(child, (nn.Conv2d, nn.Linear)):
                 follows = children[i + 1][1] if i + 1 < len(children) else None
-                if isinstance(follows, BATCHNORMS):
+                if is_batchnorm(follows):
                     x = self.conv(x, name, f"{prefix}.{children[i + 1][0]}")
                     i += 1
                 else:
                     x = self.conv(x, name)
-            elif isinstance(child, nn.BatchNorm2d):
+            elif is_batchnorm(child):
                 x = self.bn(x, name)
             elif isinstance(child, (nn.ReLU, nn.ReLU6)):
                 x = self.act(x, "relu6" if isinstance(child, nn.ReLU6) else "relu", name)

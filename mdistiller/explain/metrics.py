@@ -22,7 +22,8 @@ def _numpy(x: ArrayLike) -> np.ndarray:
 
 
 def perturbation_auc(accuracies: ArrayLike) -> float:
-    """Trapezoid area under accuracy-vs-removed-fraction over x = 0, 0.1, ..., 0.9, times 100 (TE issue #31).
+    """Trapezoid area under accuracy-vs-removed-fraction over x = 0, 0.1, ..., 0.9, times 100 (worked example in
+    docs/evaluation.md).
 
     `accuracies[0]` is the unperturbed accuracy; the result lies in [0, 90].
     """

@@ -1,16 +1,16 @@
-"""Perturbation test (TE §2.1): black out the most (positive) or least (negative) relevant pixels, 10 % ... 90 %.
+"""Perturbation test: black out the most (positive) or least (negative) relevant pixels, 10 % ... 90 %.
 
 Pixels are set to 0 in all channels in [0, 1] image space and only then normalised with the statistics the model was
 trained with (TE's CNN copies wrongly normalise with 0.5). The pixel order is a stable descending sort of the map
 (ties broken by pixel index), computed once per batch; the negative test sorts the negated map, so
-`negative=True` on `m` equals `negative=False` on `-m` exactly.
+`negative=True` on `m` equals `negative=False` on `-m` exactly. The protocol is in docs/evaluation.md.
 """
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 from .metrics import PERTURBATION_FRACTIONS, perturbation_auc
-from .segmentation import upsample_maps
+from .segmentation import CPU, upsample_maps
 
 MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,7 +56,7 @@ def perturbation_test(
     normalize: Callable[[torch.Tensor], torch.Tensor],
     negative: bool = False,
     target: str = "top",
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     maps: Optional[List[torch.Tensor]] = None,
 ) -> Dict[str, object]:
     """Accuracy per removed fraction and its AUC over `loader` of ([0, 1] images, labels) batches.

@@ -16,6 +16,7 @@ from .metrics import SegmentationMeter
 
 MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+CPU = torch.device("cpu")  # the evaluation loops' default device
 _MAT_HEADER = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created by: mdistiller. HDF5 schema 1.00 ."
 
 
@@ -109,7 +110,7 @@ def segmentation_evaluate(
     loader: Iterable,
     map_fn: MapFn,
     normalize: Callable[[torch.Tensor], torch.Tensor],
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     keep: int = 0,
 ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
     """Run the test over `loader` of (image01, mask) batches; `map_fn(x_normalised, classes (B,)) -> (B, h, w)`.

@@ -1,14 +1,14 @@
 """CIFAR-100 (32x32) and Tiny-ImageNet (64x64) model zoo, with upstream mdistiller's registry names."""
 import os
 
-from .resnet import resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110, resnet8x4, resnet32x4
-from .resnetv2 import ResNet18, ResNet50
-from .wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
-from .vgg import vgg8_bn, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
 from .mobilenetv2 import mobile_half
+from .mv2_tinyimagenet import mobilenetv2_tinyimagenet
+from .resnet import resnet8, resnet8x4, resnet14, resnet20, resnet32, resnet32x4, resnet44, resnet56, resnet110
+from .resnetv2 import ResNet18, ResNet50
 from .ShuffleNetv1 import ShuffleV1
 from .ShuffleNetv2 import ShuffleV2
-from .mv2_tinyimagenet import mobilenetv2_tinyimagenet
+from .vgg import vgg8_bn, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
+from .wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../.."))
 cifar100_model_prefix = os.path.join(REPO_ROOT, "download_ckpts/cifar_teachers/")

@@ -1,6 +1,6 @@
 """ImageNet (224x224) model zoo: torchvision-compatible ResNets and MobileNetV1."""
-from .resnet import resnet18, resnet34, resnet50, resnet101, resnet152
 from .mobilenetv1 import MobileNetV1
+from .resnet import resnet18, resnet34, resnet50, resnet101, resnet152
 
 imagenet_model_dict = {
     "ResNet18": resnet18,

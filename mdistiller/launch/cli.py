@@ -3,11 +3,11 @@ import sys
 from typing import Callable
 
 from ..dataset import DatasetError
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .lock import RunLockedError
-from .signals import TrainingStopped
-from .trainer import NonFiniteLossError
+from ..engine.checkpoint import CheckpointError
+from ..engine.lock import RunLockedError
+from ..engine.signals import TrainingStopped
+from ..engine.trainer import NonFiniteLossError
+from ..errors import ConfigError
 
 # Errors caused by the user's input or environment: their message is the whole story.
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, NonFiniteLossError, RunLockedError, OSError)

@@ -1,16 +1,27 @@
-"""Writers of small generated data sets in the real on-disk layouts, for tests and benchmarks (no download).
+"""Writers of small generated data sets in the real on-disk layouts, for the tests (no download).
 
 Images are random uint8 but learnable: every image is its class's fixed random pattern (derived from the class name,
 so identical across splits and calls) plus uniform noise.
 """
+import os
 import pickle
 import struct
 import zlib
 from pathlib import Path
-from typing import Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
+from torch.utils.data import DataLoader
+
+from mdistiller.dataset.shapes import (
+    SHAPE_CLASSES,
+    TRAIN_SEED,
+    VAL_SEED,
+    ShapesDataset,
+    make_shape_sample,
+    shapes_transform,
+)
 
 PathLike = Union[str, Path]
 
@@ -113,3 +124,34 @@ def write_image_folder(
         for i in range(per_class):
             Image.fromarray(_noisy(pattern, rng)).save(folder / f"{name}_{i:04d}.{ext}")
     return Path(root)
+
+
+def get_shapes_dataloaders(
+    batch_size: int,
+    val_batch_size: int,
+    num_train: int = 2000,
+    num_val: int = 400,
+    size: int = 32,
+    num_classes: int = 4,
+    num_workers: int = 0,
+) -> Tuple[DataLoader, DataLoader, int, int]:
+    """Same return shape as `get_dataset(cfg)`: (train_loader, val_loader, num_data, num_classes)."""
+    train = ShapesDataset(num_train, size, TRAIN_SEED, num_classes, shapes_transform(True, size), with_index=True)
+    val = ShapesDataset(num_val, size, VAL_SEED, num_classes, shapes_transform(False, size))
+    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=num_workers)
+    val_loader = DataLoader(val, batch_size=val_batch_size, shuffle=False, num_workers=num_workers)
+    return train_loader, val_loader, num_train, num_classes
+
+
+def export_image_folder(
+    root: str, num_samples: int, size: int = 32, seed: int = TRAIN_SEED, num_classes: int = 4
+) -> List[str]:
+    """Write `root/<class>/<index>.png` (readable by torchvision's ImageFolder); returns the paths written."""
+    paths = []
+    for i in range(num_samples):
+        image, _, label = make_shape_sample(i, seed, size, num_classes)
+        folder = os.path.join(root, SHAPE_CLASSES[label])
+        os.makedirs(folder, exist_ok=True)
+        paths.append(os.path.join(folder, f"{i:06d}.png"))
+        Image.fromarray(image).save(paths[-1])
+    return paths

@@ -1,27 +1,14 @@
-"""Trainers for CRD batches and for the distillation-oriented optimizer (upstream's `crd`, `dot`, `crd_dot`)."""
-from typing import Dict, Tuple
+"""Trainers for the distillation-oriented optimizer (upstream's `dot`, and `crd_dot` with CRD's batches)."""
 
 import torch
 
-from .config import ConfigError
+from ..errors import ConfigError
+from .crd_trainer import CRDTrainer
 from .dot import DistillationOrientedTrainer
-from .trainer import BaseTrainer, TrainMeters
+from .trainer import BaseTrainer, TrainMeters, register_trainer
 
 
-class CRDTrainer(BaseTrainer):
-    """Batches (image, target, index, contrastive_index) from the CRD sample datasets; the distiller receives the
-    indices (and `epoch`, which upstream's CRD trainer did not pass)."""
-
-    def unpack_batch(self, data) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        if len(data) != 4:
-            raise ValueError(
-                f"the '{self.cfg.SOLVER.TRAINER}' trainer expects batches (image, target, index, contrastive_index), "
-                f"got {len(data)} items: use DISTILLER.TYPE CRD so the dataset returns contrastive indices"
-            )
-        image, target, index, contrastive_index = data
-        return image, target, {"index": index, "contrastive_index": contrastive_index}
-
-
+@register_trainer("dot")
 class DOT(BaseTrainer):
     """Distillation-oriented trainer: the distillation gradient gets momentum MOMENTUM + DOT.DELTA and the task
     gradient MOMENTUM − DOT.DELTA (one parameter group; the distiller must return exactly loss_ce and loss_kd)."""
@@ -56,5 +43,6 @@ class DOT(BaseTrainer):
         train_meters.update(preds, target, loss_ce.detach() + loss_kd.detach(), losses_dict)
 
 
+@register_trainer("crd_dot")
 class CRDDOT(CRDTrainer, DOT):
     """CRD batches with the DOT optimizer."""

@@ -1,0 +1,196 @@
+"""What tools/explain_eval.py and tools/visualize.py share: the model/checkpoint/data options, the evaluation data in
+[0, 1] with the model's normalisation kept apart, explanation map functions and the JSON/PNG writers."""
+import argparse
+import copy
+import json
+import os
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
+
+from ..dataset import DATASETS, get_val_loader, normalization
+from ..dataset.shapes import VAL_SEED, ShapesDataset
+from ..errors import ConfigError
+from ..explain import explain
+from ..models import zoo_entry
+from .build import PRETRAIN, RANDOM, default_device
+
+Normalize = Callable[[torch.Tensor], torch.Tensor]
+Stats = Tuple[Sequence[float], Sequence[float]]
+MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+SHAPES = "shapes"  # generated in memory (mdistiller.dataset.shapes), not one of DATASETS
+SHAPES_NUM_CLASSES = 4  # the shapes classes unless --num-classes says otherwise
+DATASET_KEY = "-d/--dataset"
+
+
+# ---------------------------------------------------------------------------------------------------- options
+
+
+def parse_layer(value: str) -> Union[str, int]:
+    """--layer: a stage index (int) or a name ("gap", "input", a module name)."""
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+def add_common_arguments(p: argparse.ArgumentParser, dataset_default: str) -> None:
+    """The options of every model-evaluating subcommand: models and checkpoints, data, layer, device, output."""
+    p.add_argument("-m", "--model", action="append", required=True, help="registry name; repeat for several models")
+    p.add_argument("-c", "--ckpt", action="append", help="checkpoint per -m: a path, 'pretrain' or 'none' (random)")
+    p.add_argument("--labels", nargs="+", help="legend label per -m")
+    p.add_argument("-d", "--dataset", default=dataset_default,
+                   help="cifar100, imagenet, tiny_imagenet, digits, shapes (the model registry and normalisation)")
+    p.add_argument("--layer", default=None, type=parse_layer, help="layer passed to mdistiller.explain.explain: gap, "
+                   "input, a stage index or a module name (default: gap for cam/gradcam, input for lrp/gradient_input)")
+    p.add_argument("--data-root", default="data", help="root of the real data sets (DATASET.ROOT)")
+    p.add_argument("--num-classes", type=int, default=0, help="override the dataset's number of classes")
+    p.add_argument("--num-images", type=int, default=0, help="evaluate the first N images only (0: all)")
+    p.add_argument("--image-size", type=int, default=0, help="shapes / segmentation input size (0: dataset default)")
+    p.add_argument("-bs", "--batch-size", type=int, default=16)
+    p.add_argument("--device", default=str(default_device()))
+    p.add_argument("--out", default="output/explain_eval", help="folder for the JSON and PNG files")
+    add_debug_argument(p)
+
+
+def add_debug_argument(p: argparse.ArgumentParser) -> None:
+    """--debug: tracebacks instead of one-line errors (mdistiller.launch.cli.run_cli)."""
+    p.add_argument("--debug", action="store_true", default=False, help="tracebacks instead of one-line errors")
+
+
+def pair_models(args: argparse.Namespace) -> List[str]:
+    """The checkpoint of each -m (all 'pretrain' without -c), after checking every -m (and -t) name against the
+    model registry of -d, so that a bad name fails before any data is read."""
+    ckpts = args.ckpt or [PRETRAIN] * len(args.model)
+    if len(ckpts) != len(args.model):
+        raise ConfigError(f"-c given {len(ckpts)} times for {len(args.model)} -m models; give one -c per -m")
+    for name in args.model:
+        zoo_entry(name, args.dataset, "-m/--model")
+    if getattr(args, "teacher", None) is not None:
+        zoo_entry(args.teacher, args.dataset, "-t/--teacher")
+    return ckpts
+
+
+def model_labels(args: argparse.Namespace, names: List[str], ckpts: List[str]) -> List[str]:
+    """--labels, or "name (checkpoint file name | pretrain | none)" per model."""
+    if args.labels:
+        if len(args.labels) != len(names):
+            raise ConfigError(f"--labels: {len(args.labels)} labels for {len(names)} models")
+        return list(args.labels)
+    return [f"{n} ({c if c in (RANDOM, PRETRAIN) else os.path.basename(c)})" for n, c in zip(names, ckpts)]
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def check_dataset(dataset: str) -> None:
+    """A ConfigError naming -d/--dataset for a data set that is neither a known type nor "shapes"."""
+    if dataset != SHAPES and dataset not in DATASETS:
+        raise ConfigError(f"{DATASET_KEY} = {dataset!r} is unknown; expected one of "
+                         f"{', '.join(sorted([*DATASETS, SHAPES]))}")
+
+
+def dataset_num_classes(dataset: str, override: int = 0) -> int:
+    """`override` if given, else the data set's number of classes (shapes: SHAPES_NUM_CLASSES)."""
+    check_dataset(dataset)
+    if override:
+        return override
+    return SHAPES_NUM_CLASSES if dataset == SHAPES else DATASETS[dataset][0].NUM_CLASSES
+
+
+def dataset_normalizer(dataset: str) -> Normalize:
+    """The training normalisation of `dataset`, for [0, 1] inputs that do not come through its transforms."""
+    check_dataset(dataset)
+    return normalizer(*normalization(dataset))
+
+
+def normalizer(mean: Sequence[float], std: Sequence[float]) -> Normalize:
+    """x -> (x - mean) / std per channel, on x's device."""
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return lambda x: (x - m.to(x.device)) / s.to(x.device)
+
+
+def split_normalize(transform: Optional[Callable]) -> Tuple[Optional[Callable], Stats]:
+    """The transform without its Normalize step, and that step's (mean, std) (identity stats when it has none)."""
+    if isinstance(transform, transforms.Compose):
+        steps = [t for t in transform.transforms if not isinstance(t, transforms.Normalize)]
+        norms = [t for t in transform.transforms if isinstance(t, transforms.Normalize)]
+        if norms:
+            return transforms.Compose(steps), (tuple(norms[-1].mean), tuple(norms[-1].std))
+    if isinstance(transform, transforms.Normalize):
+        return None, (tuple(transform.mean), tuple(transform.std))
+    return transform, ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def unnormalized(dataset: object) -> Tuple[object, Stats]:
+    """A shallow copy of `dataset` (through Subset wrappers) whose transform yields [0, 1] images, and the
+    (mean, std) its transform normalised with."""
+    if isinstance(dataset, Subset):
+        inner, stats = unnormalized(dataset.dataset)
+        return Subset(inner, dataset.indices), stats
+    if not hasattr(dataset, "transform"):
+        raise ValueError(f"dataset {type(dataset).__name__} has no `transform` to take the normalisation from")
+    ds = copy.copy(dataset)
+    ds.transform, stats = split_normalize(dataset.transform)
+    return ds, stats
+
+
+def load_eval_data(args: argparse.Namespace) -> Tuple[DataLoader, Normalize, int]:
+    """Loader of ([0, 1] images, labels) over the first --num-images validation images, the model normalisation and
+    the number of classes. `shapes` is generated here; other names go through `mdistiller.dataset.get_val_loader`."""
+    check_dataset(args.dataset)
+    if args.dataset == SHAPES:
+        size, n = args.image_size or 32, args.num_images or 200
+        ds = ShapesDataset(n, size, VAL_SEED, dataset_num_classes(SHAPES, args.num_classes), transforms.ToTensor())
+        stats, num_classes = normalization(SHAPES), len(ds.classes)
+    else:
+        val_loader, num_classes = get_val_loader(args.dataset, args.data_root, args.batch_size)
+        ds, stats = unnormalized(val_loader.dataset)
+        num_classes = args.num_classes or num_classes
+    if args.num_images and args.num_images < len(ds):
+        ds = Subset(ds, range(args.num_images))
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=0)
+    return loader, normalizer(*stats), num_classes
+
+
+# ---------------------------------------------------------------------------------------------------- maps
+
+
+def resolve_layer(method: str, layer: Union[str, int, None]) -> Union[str, int]:
+    """Default layer per method: at "gap", LRP and gradient x input reduce to CAM / (H*W) (identical rankings), so
+    they are evaluated at the input pixels unless a layer is given."""
+    if layer is not None:
+        return layer
+    return "input" if method in ("lrp", "gradient_input") else "gap"
+
+
+def make_map_fn(model: nn.Module, method: str, layer: Union[str, int, None]) -> MapFn:
+    """(x_normalised, classes (B,)) -> (B, h, w) maps of `model` for one class per sample."""
+    layer = resolve_layer(method, layer)
+
+    def map_fn(x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return explain(model, x, classes[:, None], method=method, layer=layer)[:, 0]
+
+    return map_fn
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def write_json(path: str, obj: object) -> None:
+    """`obj` as indented JSON at `path`, announced on stdout."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    print(f"wrote {path}")
+
+
+def save_figure(fig: Figure, path: str) -> None:
+    """`fig` as a PNG at `path` (120 dpi, tight), closed afterwards, announced on stdout."""
+    import matplotlib.pyplot as plt  # here, so that importing this module does not pick a backend
+
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
