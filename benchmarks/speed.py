@@ -26,7 +26,6 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,11 +33,11 @@ from mdistiller.dataset import cifar100
 from mdistiller.dataset._common import ArrayImages, Instance
 from mdistiller.dataset.device_loader import DeviceLoader
 from mdistiller.distillers import distiller_class
-from mdistiller.models import build_model
 from mdistiller.engine.config import load_cfg
 from mdistiller.engine.speed import StepPrecision, prepare_model
 from mdistiller.engine.trainer import BaseTrainer, TrainMeters
 from mdistiller.engine.utils import accuracy
+from mdistiller.models import build_model
 
 NUM_CLASSES = 100
 EPOCH_IMAGES_CIFAR = 50_000

@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdistiller.models import build_model
+from mdistiller.distillers import distiller_class
 from mdistiller.engine.config import load_cfg
 from mdistiller.engine.speed import StepPrecision
 from mdistiller.engine.trainer import BaseTrainer, TrainMeters
-from mdistiller.distillers import distiller_class
+from mdistiller.models import build_model
 
 IMAGE_SIZE = {"cifar100": 32, "tiny_imagenet": 64, "imagenet": 224, "digits": 32}
 NUM_CLASSES = {"cifar100": 100, "tiny_imagenet": 200, "imagenet": 1000, "digits": 10}

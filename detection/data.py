@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
-from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from generated_data import write_cifar100, write_image_folder
 
 # The suite's models are tiny: one intra-op thread is faster than two and keeps subprocess tests (DDP, CLI) from

@@ -5,14 +5,13 @@ import sys
 
 import pytest
 import torch
+from test_engine_train import ROOT, load_tool, one_thread  # noqa: F401  (autouse fixture)
 
 from mdistiller.dataset import get_val_loader
 from mdistiller.distillers import Vanilla
-from mdistiller.errors import ConfigError
 from mdistiller.engine.utils import validate
+from mdistiller.errors import ConfigError
 from mdistiller.models import cifar_model_dict
-
-from test_engine_train import ROOT, load_tool, one_thread  # noqa: F401  (autouse fixture)
 
 TRAIN = load_tool("train")
 EVAL = load_tool("eval")

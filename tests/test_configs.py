@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from mdistiller.launch.build import check_names
 from mdistiller.engine.config import load_cfg
+from mdistiller.launch.build import check_names
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 ALL = sorted(glob.glob(os.path.join(ROOT, "**", "*.yaml"), recursive=True))

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from generated_data import write_image_folder
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from mdistiller.dataset import __main__ as dataset_cli
 from mdistiller.dataset import DatasetError, cifar100, digits, get_dataset, get_val_loader, tiny_imagenet
+from mdistiller.dataset import __main__ as dataset_cli
 from mdistiller.dataset._common import InstanceSample, split_train
 from mdistiller.dataset.cifar100 import CIFAR100, CIFAR100Instance, CIFAR100InstanceSample, read_split
 from mdistiller.dataset.folder import Folder
-from generated_data import write_image_folder
 from mdistiller.engine.cfg import CFG
 
 

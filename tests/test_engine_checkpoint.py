@@ -8,7 +8,11 @@ import torch.nn as nn
 
 from mdistiller.engine import checkpoint as ckpt
 from mdistiller.engine.checkpoint import (
-    CheckpointError, load_checkpoint, load_weights, model_state_dict, save_checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    model_state_dict,
+    save_checkpoint,
 )
 
 

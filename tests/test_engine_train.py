@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mdistiller.engine import trainer as trainer_module
-from mdistiller.launch.build import load_teacher
 from mdistiller.engine.config import load_cfg
+from mdistiller.launch.build import load_teacher
 from mdistiller.models import cifar_model_dict
 
 ROOT = Path(__file__).resolve().parents[1]

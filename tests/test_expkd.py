@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from mdistiller.distillers import distiller_dict
 from mdistiller.distillers.ExpKD import DISTANCES, NORMS, exp_loss, top_classes
-from mdistiller.explain import explain_from_features
 from mdistiller.engine.cfg import CFG
+from mdistiller.explain import explain_from_features
 from mdistiller.models import cifar_model_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

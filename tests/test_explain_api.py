@@ -7,6 +7,7 @@ import torchvision
 
 from mdistiller.explain import (
     build_graph,
+    engine,
     explain,
     explain_from_features,
     explain_recorded,
@@ -14,7 +15,6 @@ from mdistiller.explain import (
     get_rule,
     record,
 )
-from mdistiller.explain import engine
 from mdistiller.explain.adapters import ADAPTERS, adapter
 from mdistiller.explain.engine import Spec, forward, propagate
 from mdistiller.explain.graph import INPUT

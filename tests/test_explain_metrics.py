@@ -3,15 +3,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from generated_data import export_image_folder, get_shapes_dataloaders
 from torchvision.datasets import ImageFolder
 
-from generated_data import export_image_folder, get_shapes_dataloaders
-from mdistiller.dataset.shapes import SHAPE_CLASSES, ShapesDataset, make_shape_sample, write_shapes_gtsegs
+from mdistiller.dataset.shapes import SHAPE_CLASSES, ShapesDataset, make_shape_sample
 from mdistiller.explain.agreement import map_agreement
 from mdistiller.explain.metrics import perturbation_auc, segmentation_scores
 from mdistiller.explain.perturbation import perturbation_hits, perturbation_test, pixel_order, remove_pixels
 from mdistiller.explain.segmentation import GtSegsDataset
-
+from mdistiller.launch.eval_common import write_shapes_gtsegs
 
 # ---------------------------------------------------------------------------------------------------- AUC
 

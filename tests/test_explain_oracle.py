@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from test_explain_zoo import randomize_
 
 from mdistiller.explain import explain, get_composite
-from test_explain_zoo import randomize_
 
 zennit = pytest.importorskip("zennit")
 from zennit.attribution import Gradient  # noqa: E402

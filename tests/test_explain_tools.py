@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from mdistiller.dataset.shapes import write_shapes_gtsegs
 from mdistiller.engine.checkpoint import CheckpointError
 from mdistiller.errors import ConfigError
 from mdistiller.explain.metrics import perturbation_auc
 from mdistiller.launch import eval_common
 from mdistiller.launch.build import load_model
+from mdistiller.launch.eval_common import write_shapes_gtsegs
 from mdistiller.models import cifar_model_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from mdistiller.distillers._common import ConvReg
 from mdistiller.distillers.AT import at_loss
 from mdistiller.distillers.CRD import ContrastMemory, Embed, contrast_loss
 from mdistiller.distillers.KDSVD import kdsvd_loss
@@ -17,7 +18,6 @@ from mdistiller.distillers.ReviewKD import hcl_loss
 from mdistiller.distillers.RKD import rkd_loss
 from mdistiller.distillers.SP import sp_loss
 from mdistiller.distillers.VID import vid_loss
-from mdistiller.distillers._common import ConvReg
 
 
 def _randn(*shape, seed=0):

@@ -1,13 +1,13 @@
 """The `crd`, `dot` and `crd_dot` trainers: one epoch each on generated batches with a tiny contract model."""
 import pytest
 import torch
+from test_family_distillers import TinyNet
 from torch.utils.data import DataLoader, TensorDataset
 
 from mdistiller.distillers import distiller_dict
 from mdistiller.engine import trainer_dict
 from mdistiller.engine.cfg import CFG
 from mdistiller.engine.dot import DistillationOrientedTrainer
-from test_family_distillers import TinyNet
 
 NUM_DATA = 12
 

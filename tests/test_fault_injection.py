@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_engine_train import ROOT
 
 EPOCHS = 10

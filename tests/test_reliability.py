@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine_train import ROOT, load_tool, one_thread, write_cfg  # noqa: F401  (autouse fixture)
 
 from mdistiller.dataset import _common
 from mdistiller.engine import checkpoint as checkpoint_module
 from mdistiller.engine import trainer as trainer_module
 from mdistiller.engine.lock import LOCK_NAME, RunLock
 from mdistiller.models import cifar_model_dict
-
-from test_engine_train import ROOT, load_tool, one_thread, write_cfg  # noqa: F401  (autouse fixture)
 
 TRAIN = load_tool("train")
 EVAL = load_tool("eval")

@@ -9,11 +9,11 @@ from torchvision import transforms
 from mdistiller.dataset import cifar100
 from mdistiller.dataset.device_loader import DeviceLoader, random_crop_flip
 from mdistiller.distillers import distiller_dict
-from mdistiller.models import build_model
 from mdistiller.engine.config import load_cfg
-from mdistiller.errors import ConfigError
 from mdistiller.engine.speed import StepPrecision, prepare_model
 from mdistiller.engine.trainer import BaseTrainer, TrainMeters
+from mdistiller.errors import ConfigError
+from mdistiller.models import build_model
 from mdistiller.models.fold import FoldedConv2d, fold_batchnorm
 
 

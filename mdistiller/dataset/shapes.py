@@ -125,11 +125,3 @@ def shapes_transform(train: bool, size: int = 32) -> transforms.Compose:
         return transforms.Compose(norm)
     augment = [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
     return transforms.Compose(augment + norm)
-
-
-def write_shapes_gtsegs(path: str, num_samples: int, size: int = 32, seed: int = VAL_SEED, num_classes: int = 4) -> int:
-    """Write samples with their object masks in the `gtsegs_ijcv.mat` layout (for the segmentation test)."""
-    from mdistiller.explain.segmentation import write_gtsegs
-
-    samples = [make_shape_sample(i, seed, size, num_classes) for i in range(num_samples)]
-    return write_gtsegs(path, [s[0] for s in samples], [s[1] for s in samples])

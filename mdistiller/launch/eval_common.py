@@ -12,10 +12,11 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
-from ..dataset import DATASETS, get_val_loader, normalization
+from ..dataset import DATASETS, get_val_loader, normalization, shapes
 from ..dataset.shapes import VAL_SEED, ShapesDataset
 from ..errors import ConfigError
 from ..explain import explain
+from ..explain.segmentation import write_gtsegs
 from ..models import zoo_entry
 from .build import PRETRAIN, RANDOM, default_device
 
@@ -194,3 +195,9 @@ def save_figure(fig: Figure, path: str) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def write_shapes_gtsegs(path: str, num_samples: int, size: int = 32, seed: int = VAL_SEED, num_classes: int = 4) -> int:
+    """Write samples with their object masks in the `gtsegs_ijcv.mat` layout (for the segmentation test)."""
+    samples = [shapes.make_shape_sample(i, seed, size, num_classes) for i in range(num_samples)]
+    return write_gtsegs(path, [s[0] for s in samples], [s[1] for s in samples])
