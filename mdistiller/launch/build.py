@@ -37,12 +37,17 @@ def load_model(name: str, dataset: str, num_classes: int, ckpt: str, key: str = 
         if path is None:
             raise ConfigError(f"{key} {name!r} has no pretrained checkpoint in the {dataset} registry; pass "
                               f"{ckpt_key} CKPT")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path} ({ckpt_key} {ckpt}, {key} {name!r}); get the "
-                              f"teachers as described in {TEACHER_HELP}")
-    load_weights(model, model_state_dict(load_checkpoint(path), path), path,
-                 f"model {name} with {num_classes} classes")
+    _load_file(model, path, f"model {name} with {num_classes} classes",
+               f"checkpoint not found: {path} ({ckpt_key} {ckpt}, {key} {name!r}); get the teachers as described "
+               f"in {TEACHER_HELP}")
     return model.eval()
+
+
+def _load_file(model: nn.Module, path: str, what: str, missing: str) -> None:
+    """The weights of the checkpoint file `path` into `model`; `missing` is the error when there is no such file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(missing)
+    load_weights(model, model_state_dict(load_checkpoint(path), path), path, what)
 
 
 def teacher_checkpoint_path(cfg) -> str:
@@ -67,13 +72,9 @@ def load_teacher(cfg, num_classes: int) -> nn.Module:
     if cfg.DATASET.TYPE == "imagenet" and not path:
         return build_model(name, num_classes, cfg.DATASET.TYPE, pretrained=True, key="DISTILLER.TEACHER")
     model = build_model(name, num_classes, cfg.DATASET.TYPE, key="DISTILLER.TEACHER")
-    if not os.path.isfile(path):
-        raise CheckpointError(
-            f"teacher checkpoint not found: {path} (DISTILLER.TEACHER = {name!r}); get the teachers as described in "
-            f"{TEACHER_HELP}, or set DISTILLER.TEACHER_CKPT"
-        )
-    state = model_state_dict(load_checkpoint(path), path)
-    load_weights(model, state, path, f"teacher {name} with {num_classes} classes")
+    _load_file(model, path, f"teacher {name} with {num_classes} classes",
+               f"teacher checkpoint not found: {path} (DISTILLER.TEACHER = {name!r}); get the teachers as described "
+               f"in {TEACHER_HELP}, or set DISTILLER.TEACHER_CKPT")
     return model
 
 
