@@ -8,7 +8,8 @@ For each model, method, layer and K (classes per sample):
 CAM uses `explain_from_features` (no recording). Times are medians over --repeats runs (CPU: process CPU time, so a
 busy machine does not inflate them; CUDA: synchronised wall time). Peak memory is measured in a fresh process per
 configuration (CPU: peak growth of torch's allocated bytes, from the profiler's memory events; CUDA: peak allocated
-growth) and divided by the peak growth of the baseline step, i.e. the step's activation memory. Prints one JSON document.
+growth) and divided by the peak growth of the baseline step, i.e. the step's activation memory.
+Prints one JSON document.
 
     python benchmarks/explain.py --models resnet32x4 resnet8x4 --batch 64 --ks 1 5 30 100
 """

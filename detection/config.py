@@ -131,10 +131,12 @@ def check_cfg(cfg: CN) -> None:
     """Reject values the code cannot honour, naming the key."""
     if cfg.KD.TYPE not in KD_TYPES:
         raise ValueError(f"KD.TYPE: got {cfg.KD.TYPE!r}, expected one of {KD_TYPES}")
-    for key, name in (("MODEL.BACKBONE.NAME", cfg.MODEL.BACKBONE.NAME), ("TEACHER.BACKBONE.NAME", cfg.TEACHER.BACKBONE.NAME)):
+    names = (("MODEL.BACKBONE.NAME", cfg.MODEL.BACKBONE.NAME), ("TEACHER.BACKBONE.NAME", cfg.TEACHER.BACKBONE.NAME))
+    for key, name in names:
         if name not in BACKBONES:
             raise ValueError(f"{key}: got {name!r}, expected one of {BACKBONES}")
-    for key, norm in (("MODEL.BACKBONE.NORM", cfg.MODEL.BACKBONE.NORM), ("TEACHER.BACKBONE.NORM", cfg.TEACHER.BACKBONE.NORM)):
+    norms = (("MODEL.BACKBONE.NORM", cfg.MODEL.BACKBONE.NORM), ("TEACHER.BACKBONE.NORM", cfg.TEACHER.BACKBONE.NORM))
+    for key, norm in norms:
         if norm not in ("FrozenBN", "BN"):
             raise ValueError(f"{key}: got {norm!r}, expected 'FrozenBN' or 'BN'")
     if list(cfg.SOLVER.STEPS) != sorted(cfg.SOLVER.STEPS):

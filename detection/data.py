@@ -1,4 +1,5 @@
-"""COCO 2017 in its standard layout (ROOT/<split>/*.jpg, ROOT/annotations/instances_<split>.json) as detection samples."""
+"""COCO 2017 in its standard layout (ROOT/<split>/*.jpg, ROOT/annotations/instances_<split>.json) as detection
+samples."""
 import contextlib
 import io
 from pathlib import Path
@@ -68,7 +69,8 @@ class CocoDetection(Dataset):
         boxes, labels = self._annotations(image_id)
         if self.hflip_prob and torch.rand(()) < self.hflip_prob:
             image = image.flip(-1)
-            boxes = torch.stack([image.shape[-1] - boxes[:, 2], boxes[:, 1], image.shape[-1] - boxes[:, 0], boxes[:, 3]], 1)
+            width = image.shape[-1]
+            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
         return image, {"boxes": boxes, "labels": labels, "image_id": torch.tensor(image_id)}
 
 

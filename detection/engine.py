@@ -79,7 +79,9 @@ def lr_at(iteration: int, solver: CfgNode) -> float:
 def _train_batches(cfg: CfgNode, env: Env, start_iter: int) -> Iterator:
     """Endless per-process batches of IMS_PER_BATCH / world_size images, reshuffled every pass over the data."""
     if cfg.SOLVER.IMS_PER_BATCH % env.world_size:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH: {cfg.SOLVER.IMS_PER_BATCH} is not divisible by {env.world_size} processes")
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH: {cfg.SOLVER.IMS_PER_BATCH} is not divisible by {env.world_size} processes"
+        )
     per_process = cfg.SOLVER.IMS_PER_BATCH // env.world_size
     dataset = CocoDetection(
         cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN, cfg.MODEL.NUM_CLASSES, train=True, hflip_prob=cfg.INPUT.HFLIP_PROB
@@ -88,7 +90,8 @@ def _train_batches(cfg: CfgNode, env: Env, start_iter: int) -> Iterator:
         raise ValueError(f"DATASETS.TRAIN: {len(dataset)} usable images, fewer than {per_process} per batch")
     sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=max(cfg.SEED, 0), drop_last=True)
     loader = DataLoader(
-        dataset, per_process, sampler=sampler, num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=collate, drop_last=True
+        dataset, per_process, sampler=sampler, num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=collate,
+        drop_last=True,
     )
     epoch = start_iter // len(loader)
     while True:
@@ -131,7 +134,9 @@ def evaluate(student: nn.Module, cfg: CfgNode, env: Env, iteration: Optional[int
 def evaluate_only(cfg: CfgNode) -> Optional[Dict[str, float]]:
     """Evaluate the student detector in MODEL.WEIGHTS (e.g. OUTPUT_DIR/student_latest)."""
     if not cfg.MODEL.WEIGHTS:
-        raise ValueError("MODEL.WEIGHTS is empty: --eval-only needs a student detector checkpoint (e.g. student_latest)")
+        raise ValueError(
+            "MODEL.WEIGHTS is empty: --eval-only needs a student detector checkpoint (e.g. student_latest)"
+        )
     env = setup_env(cfg)
     return evaluate(build_student(cfg).to(env.device), cfg, env)
 
@@ -181,7 +186,8 @@ def train(cfg: CfgNode, resume: bool = False) -> Optional[Dict[str, float]]:
         losses = model(images, targets)
         loss = sum(losses.values())
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"iteration {iteration}: non-finite loss {({k: v.item() for k, v in losses.items()})}")
+            values = {k: v.item() for k, v in losses.items()}
+            raise FloatingPointError(f"iteration {iteration}: non-finite loss {values}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -15,7 +15,8 @@ def to_coco_results(image_id: int, detection: Dict[str, torch.Tensor]) -> List[d
     boxes = detection["boxes"].detach().cpu()
     boxes[:, 2:] -= boxes[:, :2]
     return [
-        {"image_id": image_id, "category_id": int(label), "bbox": [round(float(v), 3) for v in box], "score": float(score)}
+        {"image_id": image_id, "category_id": int(label), "bbox": [round(float(v), 3) for v in box],
+         "score": float(score)}
         for box, label, score in zip(boxes, detection["labels"].tolist(), detection["scores"].tolist())
     ]
 
@@ -23,7 +24,9 @@ def to_coco_results(image_id: int, detection: Dict[str, torch.Tensor]) -> List[d
 def _empty_results(coco_gt: COCO) -> COCO:
     """A detection set with no box (`loadRes` rejects an empty list), so that COCOeval still scores the misses."""
     coco_dt = COCO()
-    coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"], "annotations": []}
+    coco_dt.dataset = {
+        "images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"], "annotations": []
+    }
     coco_dt.createIndex()
     return coco_dt
 

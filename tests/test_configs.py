@@ -1,5 +1,5 @@
 """Every shipped config loads through the loader tools/train.py uses, names registered models, and the CIFAR-100 /
-ImageNet recipes match upstream mdistiller (reference §1.11, anchors §1.1)."""
+ImageNet recipes match upstream mdistiller (docs/expkd.md, 'Schedule')."""
 import glob
 import os
 

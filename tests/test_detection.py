@@ -183,7 +183,8 @@ def test_horizontal_flip_moves_boxes_with_pixels(coco_root):
     plain = CocoDetection(str(coco_root), "train2017", 4, train=True, hflip_prob=0.0)[0]
     flipped = CocoDetection(str(coco_root), "train2017", 4, train=True, hflip_prob=1.0)[0]
     torch.testing.assert_close(flipped[0], plain[0].flip(-1))
-    for (x0, y0, x1, y1), (fx0, fy0, fx1, fy1) in zip(plain[1]["boxes"].int().tolist(), flipped[1]["boxes"].int().tolist()):
+    pairs = zip(plain[1]["boxes"].int().tolist(), flipped[1]["boxes"].int().tolist())
+    for (x0, y0, x1, y1), (fx0, fy0, fx1, fy1) in pairs:
         torch.testing.assert_close(flipped[0][:, fy0:fy1, fx0:fx1], plain[0][:, y0:y1, x0:x1].flip(-1))
 
 
@@ -247,15 +248,18 @@ def test_torchvision_weights_come_from_the_local_cache(coco_root, tmp_path, monk
     backbone = build_backbone("resnet18", "FrozenBN", "torchvision")
     assert torch.equal(backbone.body.layer4[1].conv2.weight, classifier.layer4[1].conv2.weight)
     torch.save(classifier.state_dict(), tmp_path / "zoo_resnet18")  # e.g. a classifier checkpoint of our zoo
-    assert torch.equal(build_backbone("resnet18", "BN", str(tmp_path / "zoo_resnet18")).body.conv1.weight, classifier.conv1.weight)
+    backbone = build_backbone("resnet18", "BN", str(tmp_path / "zoo_resnet18"))
+    assert torch.equal(backbone.body.conv1.weight, classifier.conv1.weight)
     with pytest.raises(ValueError, match="does not fit resnet34"):
         build_backbone("resnet34", "BN", str(tmp_path / "zoo_resnet18"))
 
     detector = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     torch.save(detector.state_dict(), cache / Path(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.url).name)
-    opts = _tiny_opts(coco_root, tmp_path, "DKD", "torchvision") + ["TEACHER.BACKBONE.NAME", "resnet50", "MODEL.NUM_CLASSES", 91]
+    opts = _tiny_opts(coco_root, tmp_path, "DKD", "torchvision")
+    opts += ["TEACHER.BACKBONE.NAME", "resnet50", "MODEL.NUM_CLASSES", 91]
     teacher = build_distiller(load_cfg(None, opts)).teacher
-    assert torch.equal(teacher.roi_heads.box_predictor.cls_score.weight, detector.roi_heads.box_predictor.cls_score.weight)
+    teacher_head, student_head = teacher.roi_heads.box_predictor, detector.roi_heads.box_predictor
+    assert torch.equal(teacher_head.cls_score.weight, student_head.cls_score.weight)
 
 
 def test_clear_errors(coco_root, tmp_path, monkeypatch):

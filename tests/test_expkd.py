@@ -1,4 +1,4 @@
-"""Exp-KD (issue 5): the explanation loss trains the student, is per-sample, matches finite differences, and every
+"""Exp-KD (docs/expkd.md): the explanation loss trains the student, is per-sample, matches finite differences, and every
 shipped Exp-KD / fork CAM config builds and trains."""
 import glob
 import importlib.util

@@ -1,5 +1,5 @@
 """mdistiller.explain API contract: input validation, the reuse entry points, recording safety, differentiability
-of the student path (explain.md §3.4 item 11) and the conservation check's negative control (item 5)."""
+of the student path (docs/explain.md) and the conservation check's negative control."""
 import pytest
 import torch
 import torch.nn as nn

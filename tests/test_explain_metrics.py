@@ -1,4 +1,4 @@
-"""Evaluation metrics and data: test vectors of reference/explain.md §2, positive/negative controls, shapes data."""
+"""Evaluation metrics and data: the test vectors of docs/evaluation.md, positive/negative controls, shapes data."""
 import h5py
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """mdistiller.explain against zennit (LRP composites) and captum (Grad-CAM) on torchvision ResNet18 and VGG11
-(explain.md §3.4 item 6), in float64 and eval mode with random BatchNorm statistics.
+(docs/explain.md, 'What the tests check'), in float64 and eval mode with random BatchNorm statistics.
 
 zennit's ResNetCanonizer merges each BN into its conv and then leaves the BN computing x/√(1+eps) instead of x, so
 the canonized model differs from the original by a factor 1/√(1+eps) per BN (about 4e-5 relative on ResNet18). The
@@ -60,7 +60,7 @@ def test_lrp_matches_zennit(model_and_input, composite, zero_bias):
         zennit_composite = COMPOSITES[composite](canonizers, {"zero_params": "bias"} if zero_bias else {})
         one_hot = nn.functional.one_hot(classes[:, k], 10)
         with Gradient(model, zennit_composite) as attributor:
-            _, relevance = attributor(image, lambda out: one_hot.to(out) * out)
+            _, relevance = attributor(image, lambda out, one_hot=one_hot: one_hot.to(out) * out)
         reference.append(relevance.sum(1))
     reference = torch.stack(reference, 1)
     ours = explain(model, image, classes, "lrp", layer="input",

@@ -1,4 +1,4 @@
-"""mdistiller.explain on the model zoo (explain.md §3.4 items 1-5 and 7-10).
+"""mdistiller.explain on the model zoo (the checks listed in docs/explain.md, 'What the tests check').
 
 Each model gets random BatchNorm statistics and affine parameters and random biases, so BN folding and bias handling
 are exercised. Every model of every registry gets the checks that depend on its wiring (float32); one model per
@@ -89,9 +89,9 @@ def _model(ctor, num_classes: int, dtype: torch.dtype) -> nn.Module:
 
 @pytest.mark.parametrize("name,ctor,size,num_classes", ZOO, ids=[z[0] for z in ZOO])
 def test_zoo_wiring(name, ctor, size, num_classes):
-    """Every model, float32: the graph recomputes the model (eval and train mode), CAM completeness (item 2), every
-    residual add / concatenation / shuffle / split / pooling conserves relevance (item 5), a recorded forward gives
-    the same maps, and explaining changes nothing (item 10)."""
+    """Every model, float32: the graph recomputes the model (eval and train mode), CAM completeness, every
+    residual add / concatenation / shuffle / split / pooling conserves relevance, a recorded forward gives
+    the same maps, and explaining changes nothing."""
     model = _model(ctor, num_classes, torch.float32)
     image = torch.randn(2, 3, size, size)
     graph = build_graph(model, image.shape)

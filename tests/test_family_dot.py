@@ -1,4 +1,4 @@
-"""DistillationOrientedTrainer: upstream's reference trajectory (shared/reference/mdistiller.md §3.3) and the
+"""DistillationOrientedTrainer: upstream's reference trajectory (recorded from upstream's code) and the
 per-parameter momentum rules written out by hand."""
 import pytest
 import torch

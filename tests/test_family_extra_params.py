@@ -1,4 +1,4 @@
-"""`get_extra_parameters` against the figures upstream's train.py prints (shared/reference/mdistiller.md §3.4)."""
+"""`get_extra_parameters` against the figures upstream's train.py prints (docs/upstream_fixes.md)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The model zoo against upstream mdistiller's reference numbers (shared/reference/mdistiller.md §3.1, §3.2)."""
+"""The model zoo against upstream mdistiller's reference numbers (recorded from its code)."""
 import pytest
 import torch
 import torch.nn as nn

@@ -47,7 +47,8 @@ def _body(name: str, norm: str, weights: str) -> nn.Module:
     body = getattr(models, name)(weights=None, norm_layer=norm_layer)
     if weights == "torchvision":
         state = torch.load(
-            cached_torchvision_file(_IMAGENET_WEIGHTS[name], "MODEL.BACKBONE.WEIGHTS"), map_location="cpu", weights_only=True
+            cached_torchvision_file(_IMAGENET_WEIGHTS[name], "MODEL.BACKBONE.WEIGHTS"), map_location="cpu",
+            weights_only=True,
         )
     elif weights:
         state = load_state_dict_file(weights, "MODEL.BACKBONE.WEIGHTS")
@@ -60,7 +61,8 @@ def _body(name: str, norm: str, weights: str) -> nn.Module:
     missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
     if missing or unexpected:
         raise ValueError(
-            f"MODEL.BACKBONE.WEIGHTS: {weights} does not fit {name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"MODEL.BACKBONE.WEIGHTS: {weights} does not fit {name} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return body
 
@@ -68,11 +70,16 @@ def _body(name: str, norm: str, weights: str) -> nn.Module:
 def _mobilenet_v2_fpn(body: nn.Module, trainable_layers: int) -> BackboneWithFPN:
     features = body.features
     if not 0 <= trainable_layers <= len(_MV2_STAGE_STARTS):
-        raise ValueError(f"MODEL.BACKBONE.TRAINABLE_LAYERS: got {trainable_layers}, expected 0..{len(_MV2_STAGE_STARTS)}")
-    freeze_before = len(features) if trainable_layers == 0 else _MV2_STAGE_STARTS[len(_MV2_STAGE_STARTS) - trainable_layers]
+        raise ValueError(
+            f"MODEL.BACKBONE.TRAINABLE_LAYERS: got {trainable_layers}, expected 0..{len(_MV2_STAGE_STARTS)}"
+        )
+    stages = len(_MV2_STAGE_STARTS)
+    freeze_before = len(features) if trainable_layers == 0 else _MV2_STAGE_STARTS[stages - trainable_layers]
     for param in features[:freeze_before].parameters():
         param.requires_grad_(False)
-    return BackboneWithFPN(features, _MV2_STAGE_ENDS, _MV2_STAGE_CHANNELS, FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
+    return BackboneWithFPN(
+        features, _MV2_STAGE_ENDS, _MV2_STAGE_CHANNELS, FPN_CHANNELS, extra_blocks=LastLevelMaxPool()
+    )
 
 
 def build_backbone(name: str, norm: str = "FrozenBN", weights: str = "", trainable_layers: int = 5) -> BackboneWithFPN:

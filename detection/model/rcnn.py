@@ -61,7 +61,9 @@ def _faster_rcnn(cfg: CfgNode, backbone: nn.Module, mean: Sequence[float], std: 
         box_nms_thresh=roi.NMS_THRESH_TEST,
         box_detections_per_img=roi.DETECTIONS_PER_IMAGE,
     )
-    detector.transform = TrainTestTransform(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE, mean, std)
+    detector.transform = TrainTestTransform(
+        cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE, mean, std
+    )
     return detector
 
 
@@ -78,7 +80,8 @@ def build_student(cfg: CfgNode) -> FasterRCNN:
 def build_teacher(cfg: CfgNode) -> FasterRCNN:
     """The frozen teacher: torchvision's COCO detector from the local cache, or a checkpoint of the same layout."""
     name, weights = cfg.TEACHER.BACKBONE.NAME, cfg.TEACHER.WEIGHTS
-    teacher = _faster_rcnn(cfg, build_backbone(name, cfg.TEACHER.BACKBONE.NORM), cfg.TEACHER.PIXEL_MEAN, cfg.TEACHER.PIXEL_STD)
+    backbone = build_backbone(name, cfg.TEACHER.BACKBONE.NORM)
+    teacher = _faster_rcnn(cfg, backbone, cfg.TEACHER.PIXEL_MEAN, cfg.TEACHER.PIXEL_STD)
     if weights == "torchvision":
         if name not in _TORCHVISION_COCO_TEACHERS:
             raise ValueError(

@@ -41,7 +41,8 @@ class ReviewKDFusion(nn.Module):
         last = len(in_channels) - 1
         # Stored finest-first; the coarsest level has nothing to fuse with.
         self.abfs = nn.ModuleList(
-            ABF(c_in, mid_channels, c_out, fuse=i < last) for i, (c_in, c_out) in enumerate(zip(in_channels, out_channels))
+            ABF(c_in, mid_channels, c_out, fuse=i < last)
+            for i, (c_in, c_out) in enumerate(zip(in_channels, out_channels))
         )
 
     def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -2,7 +2,8 @@
 
 The class is the shape. Sample `i` of seed `s` is a pure function of (s, i, size, num_classes), so train/val splits
 are seed choices and nothing is stored. It serves three uses without any download: an ImageFolder-like
-classification set to train a small model (`ShapesDataset`), and the segmentation test's ground truth, written in the `gtsegs_ijcv.mat` layout (`write_shapes_gtsegs`).
+classification set to train a small model (`ShapesDataset`), and the segmentation test's ground truth, written in the
+`gtsegs_ijcv.mat` layout (`write_shapes_gtsegs` in `mdistiller.launch.eval_common`).
 """
 from typing import Callable, Optional, Tuple
 

@@ -60,7 +60,8 @@ CFG.SOLVER.LR_DECAY_RATE = 0.1
 CFG.SOLVER.WEIGHT_DECAY = 0.0001
 CFG.SOLVER.MOMENTUM = 0.9
 CFG.SOLVER.TYPE = "SGD"
-# Speed (docs/reliability.md). BATCH_SIZE is the global batch: under torchrun each of WORLD_SIZE ranks takes BATCH_SIZE/WORLD_SIZE.
+# Speed (docs/reliability.md). BATCH_SIZE is the global batch: under torchrun each of WORLD_SIZE ranks takes
+# BATCH_SIZE/WORLD_SIZE.
 CFG.SOLVER.SYNC_BN = False  # DDP only: student BatchNorm statistics over the global batch
 CFG.SOLVER.AMP = ""  # "", "bf16" or "fp16" (with a GradScaler); CUDA only, ignored on CPU
 CFG.SOLVER.CHANNELS_LAST = False  # models and batches in NHWC memory format

@@ -52,7 +52,8 @@ def init_from_env() -> bool:
 
 
 def shutdown() -> None:
-    """Wait for every rank, then leave the process group: a rank that exits with gloo's threads alive aborts (SIGABRT)."""
+    """Wait for every rank, then leave the process group: a rank that exits with gloo's threads alive aborts
+    (SIGABRT)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

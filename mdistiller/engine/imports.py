@@ -56,5 +56,6 @@ def import_modules(names: Sequence[str], source: str, search_dirs: Sequence[str]
         except ConfigError:
             raise
         except Exception as error:
-            raise ConfigError(f"{source}: {KEY}: importing {entry!r} failed: {type(error).__name__}: {error}") from error
+            reason = f"{type(error).__name__}: {error}"
+            raise ConfigError(f"{source}: {KEY}: importing {entry!r} failed: {reason}") from error
     return resolved

@@ -13,7 +13,9 @@ from ..errors import ConfigError
 
 AMP_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-__all__ = ["AMP_DTYPES", "amp_dtype", "StepPrecision", "prepare_model", "to_memory_format", "sgd_kwargs", "COMPILE_CHOICES"]
+__all__ = [
+    "AMP_DTYPES", "amp_dtype", "StepPrecision", "prepare_model", "to_memory_format", "sgd_kwargs", "COMPILE_CHOICES",
+]
 
 
 def amp_dtype(cfg, device: torch.device):

@@ -349,9 +349,8 @@ class BaseTrainer:
             preds, losses_dict = self.distiller(image=image, target=target, epoch=epoch, **extra)
             loss = sum(value.mean() for value in losses_dict.values())
         if self.cfg.SOLVER.SKIP_NONFINITE and not self.loss_is_finite(loss):
-            print(log_msg(f"skipped a step of epoch {epoch}: non-finite loss "
-                          f"({', '.join(f'{k}={v.detach().float().mean().item():.4g}' for k, v in losses_dict.items())})",
-                          "INFO"), flush=True)
+            terms = ", ".join(f"{k}={v.detach().float().mean().item():.4g}" for k, v in losses_dict.items())
+            print(log_msg(f"skipped a step of epoch {epoch}: non-finite loss ({terms})", "INFO"), flush=True)
             return
         self.precision.backward_step(loss, self.optimizer)
         train_meters.update(preds, target, loss, losses_dict)
