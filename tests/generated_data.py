@@ -3,6 +3,7 @@
 Images are random uint8 but learnable: every image is its class's fixed random pattern (derived from the class name,
 so identical across splits and calls) plus uniform noise.
 """
+import gzip
 import os
 import pickle
 import struct
@@ -92,6 +93,48 @@ def write_cifar100(root: PathLike, num_train: int = 200, num_test: int = 100, se
     }
     _dump_py2(meta, folder / "meta")
     return Path(root)
+
+
+def write_cifar10(root: PathLike, num_train: int = 50, num_test: int = 20, seed: int = 0) -> Path:
+    """Writes `root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}` in the official layout
+    (Python-2 pickles: `data` uint8 [N, 3072] as R, G, B planes, `labels`, `filenames`, `batch_label`; meta with
+    `label_names`); the training images are spread over the five batches. Returns `root`."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    patterns = np.stack([_pattern(f"cifar10/{c}", (3, 32, 32)) for c in range(10)])
+    train_parts = np.array_split(np.arange(num_train), 5)
+    batches = [(f"data_batch_{i + 1}", len(part)) for i, part in enumerate(train_parts)] + [("test_batch", num_test)]
+    for name, n in batches:
+        labels = rng.permutation(np.arange(n) % 10)
+        entry = {"batch_label": name, "labels": [int(v) for v in labels],
+                 "data": _noisy(patterns[labels], rng).reshape(n, 3072),
+                 "filenames": [f"synthetic_{name}_{i:05d}.png" for i in range(n)]}
+        _dump_py2(entry, folder / name)
+    _dump_py2({"label_names": [f"class_{i}" for i in range(10)], "num_cases_per_batch": 10000, "num_vis": 3072},
+              folder / "batches.meta")
+    return Path(root)
+
+
+def write_idx(folder: PathLike, num_train: int = 60, num_test: int = 20, gz: bool = True, seed: int = 0) -> Path:
+    """Writes the four MNIST-family IDX files (`train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`,
+    `t10k-...`) into `folder`: big-endian headers (magic 2051 / 2049, counts, 28, 28) and uint8 payloads."""
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    patterns = np.stack([_pattern(f"idx/{c}", (28, 28)) for c in range(10)])
+    for split, n in (("train", num_train), ("t10k", num_test)):
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        images = _noisy(patterns[labels], rng)
+        files = {f"{split}-images-idx3-ubyte": struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes(),
+                 f"{split}-labels-idx1-ubyte": struct.pack(">II", 2049, n) + labels.tobytes()}
+        for name, payload in files.items():
+            if gz:
+                with gzip.open(folder / f"{name}.gz", "wb") as f:
+                    f.write(payload)
+            else:
+                (folder / name).write_bytes(payload)
+    return folder
 
 
 def _dump_py2(obj: dict, path: Path) -> None:

@@ -229,8 +229,8 @@ def test_split_train_rules():
 
 
 def test_config_errors(cifar100_root):
-    with pytest.raises(DatasetError, match=r"DATASET.TYPE='cifar10' is unknown; expected one of \['cifar100', "):
-        get_dataset(make_cfg(cifar100_root, TYPE="cifar10"))
+    with pytest.raises(DatasetError, match=r"DATASET.TYPE='cifar1000' is unknown; expected one of \['cifar10', "):
+        get_dataset(make_cfg(cifar100_root, TYPE="cifar1000"))
     cfg = make_cfg(cifar100_root, TRAIN_SUBSET=4)
     with pytest.raises(DatasetError, match=r"SOLVER.BATCH_SIZE=8 is larger than the 4 training images"):
         get_dataset(cfg)

@@ -15,7 +15,6 @@ from mdistiller.explain import (
     get_rule,
     record,
 )
-from mdistiller.explain.adapters import ADAPTERS, adapter
 from mdistiller.explain.engine import Spec, forward, propagate
 from mdistiller.explain.graph import INPUT
 from mdistiller.models import cifar_model_dict
@@ -55,8 +54,8 @@ def test_bad_arguments_name_the_culprit(kwargs, message):
 
 
 def test_unsupported_model_and_missing_gap_head():
-    with pytest.raises(ValueError, match="no relevance adapter for .*Sequential"):
-        explain(nn.Sequential(nn.Conv2d(3, 4, 3)), _image(), CLASSES)
+    with pytest.raises(ValueError, match="Sequential: the logits must come from a Linear"):
+        explain(nn.Sequential(nn.Conv2d(3, 4, 3)).double(), _image(), CLASSES)
     vgg = torchvision.models.vgg11(num_classes=5).eval()
     with pytest.raises(ValueError, match="no global-average-pooling head"):
         explain(vgg, _image(size=32).float(), CLASSES, "gradcam", layer="gap")
@@ -102,12 +101,37 @@ def test_record_works_when_only_bn_outputs_are_changed_in_place(train):
         torch.testing.assert_close(recorded, explain(resnet, image, CLASSES, "lrp", layer), rtol=1e-9, atol=1e-12)
 
 
-def test_record_refuses_in_place_models_repeated_and_missing_forwards():
-    vgg = torchvision.models.vgg11(num_classes=5).eval()  # ReLU(inplace=True) on conv outputs, which the tape keeps
+class InPlaceSum(nn.Module):
+    """`out += x` on a conv output: eager mutates the recorded output, which torch.fx shows as an ordinary sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        out = self.conv(x)
+        out += x
+        return self.fc(out.mean((2, 3)))
+
+
+def test_record_handles_in_place_relu_and_refuses_unseen_in_place_repeated_and_missing_forwards():
+    """torchvision's VGG applies ReLU(inplace=True) to conv outputs: the trace shows it, so the tape keeps a copy of
+    those outputs and recorded maps equal explain(); an in-place update the trace cannot see is refused."""
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg11(num_classes=5)
+    vgg.classifier = nn.Sequential(nn.Linear(512 * 49, 16), nn.ReLU(True), nn.Dropout(), nn.Linear(16, 5))
+    vgg = vgg.double().eval()
+    image = _image(size=32)
     with record(vgg) as tape:
-        vgg(_image(size=32).float())
-    with pytest.raises(ValueError, match="output of features.0 was modified in place after it was recorded"):
-        explain_recorded(tape, CLASSES, "lrp")
+        vgg(image)
+    torch.testing.assert_close(explain_recorded(tape, CLASSES, "lrp", "input"),
+                               explain(vgg, image, CLASSES, "lrp", "input"), rtol=1e-9, atol=1e-12)
+    model = InPlaceSum().double()
+    with record(model) as tape:
+        model(_image())
+    with pytest.raises(ValueError, match="output of conv was modified in place after it was recorded"):
+        explain_recorded(tape, CLASSES, "lrp", "input")
     model = _resnet8().eval()
     with pytest.raises(ValueError, match="ran more than once"):
         with record(model):
@@ -202,20 +226,10 @@ class SignedNet(nn.Module):
         return self.fc(gap.mean((2, 3))), {"gap_feat": gap}
 
 
-@pytest.fixture
-def signed_net_adapter():
-    @adapter(SignedNet)
-    def _signed_net(g, model):
-        g.gap_head(g.relu(g.conv(g.conv(INPUT, "conv1", "bn1"), "conv2")), "fc")
-
-    yield
-    ADAPTERS.pop(SignedNet)
-
-
 @pytest.mark.parametrize("rule", ["zplus", "alpha2beta1", "gamma"])
-def test_sign_aware_rules_conserve_on_signed_inputs(rule, signed_net_adapter):
+def test_sign_aware_rules_conserve_on_signed_inputs(rule):
     """z+, αβ and γ keep both signs' contributions (x⁺W⁺ + x⁻W⁻), so a layer with signed inputs passes on exactly
-    the relevance it received (TE's Conv2d returns 2x here), and a user adapter plugs into the same engine."""
+    the relevance it received (TE's Conv2d returns 2x here); a user's own class is traced like the zoo."""
     torch.manual_seed(0)
     model = SignedNet().double().eval()
     image = _image()

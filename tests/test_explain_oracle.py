@@ -1,5 +1,6 @@
-"""mdistiller.explain against zennit (LRP composites) and captum (Grad-CAM) on torchvision ResNet18 and VGG11
-(docs/explain.md, 'What the tests check'), in float64 and eval mode with random BatchNorm statistics.
+"""mdistiller.explain against zennit (LRP composites) and captum (Grad-CAM) on torchvision ResNet18, ResNet50 and
+VGG11, the models zennit's canonizers apply to (docs/explain.md, 'What the tests check'), in float64 and eval mode with
+random BatchNorm statistics; the models are traced like any other.
 
 zennit's ResNetCanonizer merges each BN into its conv and then leaves the BN computing x/√(1+eps) instead of x, so
 the canonized model differs from the original by a factor 1/√(1+eps) per BN (about 4e-5 relative on ResNet18). The
@@ -41,11 +42,11 @@ def _model(arch: str) -> nn.Module:
     return model.double().eval()
 
 
-@pytest.fixture(scope="module", params=["resnet18", "vgg11"])
+@pytest.fixture(scope="module", params=["resnet18", "resnet50", "vgg11"])
 def model_and_input(request):
     model = _model(request.param)
     image = torch.randn(2, 3, 32, 32, dtype=torch.float64).clamp(LOW.view(1, 3, 1, 1), HIGH.view(1, 3, 1, 1))
-    canonizers = [ResNetCanonizer()] if request.param == "resnet18" else [VGGCanonizer()]
+    canonizers = [ResNetCanonizer()] if request.param.startswith("resnet") else [VGGCanonizer()]
     return model, image, canonizers
 
 

@@ -2,7 +2,7 @@
 
 Each model gets random BatchNorm statistics and affine parameters and random biases, so BN folding and bias handling
 are exercised. Every model of every registry gets the checks that depend on its wiring (float32); one model per
-adapter and block type gets the float64 identities; the finite-difference checks use small models that together
+architecture and block type gets the float64 identities; the finite-difference checks use small models that together
 contain every layer type.
 """
 import copy
@@ -22,7 +22,7 @@ ZOO = (
     + [(f"tiny/{n}", ctor, 64, 20) for n, (ctor, _) in tiny_imagenet_model_dict.items()]
     + [(f"imagenet/{n}", ctor, 64, 20) for n, ctor in imagenet_model_dict.items()]
 )
-STRUCTURAL_OPS = ("act", "add", "cat", "slice", "shuffle", "avgpool", "maxpool", "gap", "flatten")
+STRUCTURAL_OPS = ("act", "add", "mul", "scale", "cat", "index", "reshape", "permute", "avgpool", "maxpool", "gap")
 TINY = 1e-12  # stabiliser for identities that hold for epsilon -> 0
 LRP0 = get_composite("epsilon", epsilon=1e-100, stabilizer=1e-100)
 ZPLUS_FLAT = get_composite("epsilon_plus_flat", epsilon=TINY, stabilizer=TINY)
@@ -65,7 +65,8 @@ def _totals(log: list):
     """Observer recording, per node, the total relevance per (sample, class) leaving and entering it, and the total
     of its absolute values (the scale of rounding in the sums)."""
     return lambda node, r, ins: log.append(
-        (node, r.flatten(2).sum(-1), sum(i.flatten(2).sum(-1) for i in ins), r.flatten(2).abs().sum(-1)))
+        (node, r.flatten(2).sum(-1), sum(i.flatten(2).sum(-1) for i in ins if i is not None),
+         r.flatten(2).abs().sum(-1)))
 
 
 def _conserved(log: list, ops, rtol: float, what: str) -> None:
@@ -142,7 +143,7 @@ def test_zoo_wiring(name, ctor, size, num_classes):
         torch.testing.assert_close(model(image)[0], logits, rtol=0, atol=0)
 
 
-# one model per adapter and block type (BasicBlock/downsample, width, WRN with and without a shortcut conv, VGG,
+# one model per architecture and block type (BasicBlock/downsample, width, WRN with and without a shortcut conv, VGG,
 # inverted residuals, ShuffleNet units, ReLU6 and a conv head, max-pool stem, depthwise stacks), at small inputs
 FULL = [
     ("cifar/resnet8", cifar_model_dict["resnet8"][0], 16, 10),
@@ -162,7 +163,7 @@ FULL = [
 
 @pytest.mark.parametrize("name,ctor,size,num_classes", FULL, ids=[z[0] for z in FULL])
 def test_zoo_identities(name, ctor, size, num_classes):
-    """float64 identities (items 1-5, 8, 9) on one model per adapter and block type."""
+    """float64 identities (items 1-5, 8, 9) on one model per architecture and block type."""
     model = _model(ctor, num_classes, torch.float64)
     image = torch.randn(2, 3, size, size, dtype=torch.float64)
     with torch.no_grad():

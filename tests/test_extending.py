@@ -32,7 +32,7 @@ def example_file() -> str:
 def digits_teacher(tmp_path) -> str:
     path = tmp_path / "teacher.pth"
     torch.manual_seed(0)
-    torch.save({"model": build_model("resnet20", 10, "digits").state_dict()}, path)
+    torch.save({"model": build_model("resnet20", 10, dataset="digits").state_dict()}, path)
     return str(path)
 
 

@@ -57,24 +57,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(
-                f"it refers to {module}.{name}, which no CIFAR-100 file contains (refused, nothing was run)"
+                f"it refers to {module}.{name}, which no CIFAR file contains (refused, nothing was run)"
             ) from None
 
 
-def load_pickle(path: Path) -> dict:
+def load_pickle(path: Path, title: str = "CIFAR-100", how_to_get: str = "") -> dict:
     """One CIFAR pickle as a dict, without executing anything from the file."""
-    root = path.parent.parent
+    how_to_get = how_to_get or _how_to_get(path.parent.parent)
     if not path.is_file():
-        raise DatasetError(f"CIFAR-100 file {path} is missing: {_how_to_get(root)}")
+        raise DatasetError(f"{title} file {path} is missing: {how_to_get}")
     try:
         with open(path, "rb") as f:
             obj = _RestrictedUnpickler(f, encoding="latin1").load()
-    except Exception as err:  # truncated, not a pickle, or a forbidden global: all mean "not a CIFAR-100 file"
-        raise DatasetError(
-            f"{path} is not a valid CIFAR-100 pickle ({type(err).__name__}: {err}); {_how_to_get(root)}"
-        ) from None
+    except Exception as err:  # truncated, not a pickle, or a forbidden global: all mean "not a CIFAR file"
+        reason = f"{type(err).__name__}: {err}"
+        raise DatasetError(f"{path} is not a valid {title} pickle ({reason}); {how_to_get}") from None
     if not isinstance(obj, dict):
-        raise DatasetError(f"{path} holds a {type(obj).__name__}, expected the CIFAR-100 dict; {_how_to_get(root)}")
+        raise DatasetError(f"{path} holds a {type(obj).__name__}, expected the {title} dict; {how_to_get}")
     return obj
 
 

@@ -3,11 +3,13 @@
 Both maps are brought to a common resolution (bilinear), then compared by the cosine of the flattened maps and by
 the IoU of their top-`top` fraction of pixels (a stable sort, so ties are broken identically for both maps).
 """
-from typing import Callable, Dict, Iterable, Tuple
+from typing import Callable, Dict, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .metrics import mean_interval
 from .segmentation import CPU, upsample_maps
 
 MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,28 +50,40 @@ def agreement_test(
     target: str = "teacher",
     top: float = 0.2,
     device: torch.device = CPU,
-) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+) -> Dict[str, object]:
     """Mean agreement over ([0, 1] images, labels) batches, both models explaining the same class: the teacher's
-    prediction (`target="teacher"`) or the label (`"label"`). Returns the means and the per-sample values."""
+    prediction (`target="teacher"`) or the label (`"label"`).
+
+    Returns the means ("cosine", "iou"), both models' clean accuracies (agreement alone does not say whether the
+    student is any good), "uncertainty" (std and normal 95 % interval over samples) and "per_image" (index, label,
+    teacher_pred, student_pred, explained, cosine, iou).
+    """
     if target not in ("teacher", "label"):
         raise ValueError(f"agreement_test: target={target!r}, expected 'teacher' or 'label'")
     teacher.eval()
     student.eval()
-    per_sample = {"cosine": [], "iou": []}
+    rows = {k: [] for k in ("label", "teacher_pred", "student_pred", "explained", "cosine", "iou")}
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         xt, xs = normalize_teacher(images), normalize_student(images)
-        if target == "teacher":
-            with torch.no_grad():
-                classes = teacher(xt)[0].argmax(1)
-        else:
-            classes = labels
+        with torch.no_grad():
+            teacher_pred, student_pred = teacher(xt)[0].argmax(1), student(xs)[0].argmax(1)
+        classes = teacher_pred if target == "teacher" else labels
         scores = map_agreement(map_fn_teacher(xt, classes).detach(), map_fn_student(xs, classes).detach(), top)
-        for k, v in scores.items():
-            per_sample[k].append(v.cpu())
-    if not per_sample["cosine"]:
+        for k, v in (("label", labels), ("teacher_pred", teacher_pred), ("student_pred", student_pred),
+                     ("explained", classes), *scores.items()):
+            rows[k].append(v.cpu())
+    if not rows["cosine"]:
         raise ValueError("agreement_test: the loader yielded no batch")
-    values = {k: torch.cat(v) for k, v in per_sample.items()}
-    means = {k: float(v.mean()) for k, v in values.items()}
-    means["num_images"] = int(values["cosine"].shape[0])
-    return means, values
+    per_image = {k: torch.cat(v).numpy() for k, v in rows.items()}
+    n = per_image["cosine"].shape[0]
+    per_image = {"index": np.arange(n), **per_image}
+    return {
+        "cosine": float(per_image["cosine"].mean()),
+        "iou": float(per_image["iou"].mean()),
+        "teacher_accuracy": float((per_image["teacher_pred"] == per_image["label"]).mean()),
+        "student_accuracy": float((per_image["student_pred"] == per_image["label"]).mean()),
+        "num_images": n,
+        "uncertainty": {k: mean_interval(per_image[k]) for k in ("cosine", "iou")},
+        "per_image": per_image,
+    }

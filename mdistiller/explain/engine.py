@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .batchnorm import is_batchnorm
 from .graph import INPUT, Graph, Node
-from .ops import ONES, Spec, accumulate, op_of, output_mask, records_input
+from .ops import ONES, Contributions, Spec, accumulate, op_of, output_mask, records_input
 from .tape import Activations, bind
 
 __all__ = ["Activations", "Observer", "Spec", "bind", "forward", "propagate", "tape_needs"]
@@ -45,7 +45,7 @@ def _head(acts: Activations, classes: Tensor, spec: Spec) -> Tensor:
     gathering the K weight rows instead of forming [B, K, num_classes]."""
     node = acts.graph.head
     w, _ = acts.params(node)
-    if spec.mode == "grad":
+    if spec.mode != "lrp":
         return w[classes]
     rule = spec.rule(node)
     if not rule.groups:
@@ -65,13 +65,13 @@ def _head(acts: Activations, classes: Tensor, spec: Spec) -> Tensor:
     return out
 
 
-def _backward(acts: Activations, node: Node, r: Tensor, spec: Spec) -> List[Tensor]:
-    """Relevance (spec.mode "lrp") or gradient ("grad") of each input of `node` from that of its output."""
+def _backward(acts: Activations, node: Node, r: Tensor, spec: Spec) -> Contributions:
+    """Relevance, gradient or linearised gradient (`Spec.mode`) of each input of `node` from that of its output."""
     xs = [acts.values[key] for key in node.inputs]
     return op_of(node).backward(acts, node, xs, r, spec)
 
 
-def _recomputed(acts: Activations, node: Node, r: Tensor, spec: Spec) -> List[Tensor]:
+def _recomputed(acts: Activations, node: Node, r: Tensor, spec: Spec) -> Contributions:
     """`_backward` under activation checkpointing: a differentiable walk keeps only each layer's relevance for the
     double backward and recomputes the rule's intermediates (normalisers, modified weights and inputs) there, so the
     student path's memory stays near that of the relevance tensors themselves. The folded parameters it reads must
@@ -86,7 +86,7 @@ def _fold_ahead(acts: Activations, nodes: Sequence[Node]) -> None:
         if node.modules and is_batchnorm(acts.graph.module(node.modules[-1])):
             acts.bn_affine(node)
     for node in nodes:
-        if op_of(node).affine:
+        if op_of(node).ruled:
             acts.params(node)
 
 
@@ -126,14 +126,14 @@ def tape_needs(graph: Graph, target: str) -> Tuple[Set[str], Set[str]]:
         if records_input(graph, node):
             readers.setdefault(node.inputs[0], node.modules[0])
     walk = _walk(graph, target) + [graph.head]
-    layers = [node for node in walk if op_of(node).affine]
+    layers = [node for node in walk if op_of(node).records]
     outputs = {node.modules[0] for node in layers} | {node.modules[-1] for node in layers}
     inputs: Set[str] = set()
     keys = [target] + [key for node in walk for key in (*node.inputs, node.output)]
     for key, node in _reads(graph, keys, lambda key: key in readers):
         if key in readers:
             inputs.add(readers[key])
-        elif op_of(node).affine:
+        elif op_of(node).records:
             outputs.update((node.modules[0], node.modules[-1]))
     return outputs, inputs
 
@@ -160,7 +160,8 @@ def propagate(acts: Activations, classes: Tensor, target: str, spec: Spec,
         if observer is not None:
             observer(node, r, ins)
         for key, contribution in zip(node.inputs, ins):
-            pending[key] = contribution if key not in pending else pending[key] + contribution
+            if contribution is not None:
+                pending[key] = contribution if key not in pending else pending[key] + contribution
     if target not in pending:
         value = acts.values[target]
         return value.new_zeros(value.shape[0], classes.shape[1], *value.shape[1:])

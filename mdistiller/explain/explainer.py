@@ -7,16 +7,17 @@
   normal forward (no recording needed).
 """
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .adapters import build_graph
 from .batchnorm import BATCHNORMS, is_batchnorm, uses_batch_stats
 from .engine import Activations, Spec, bind, forward, propagate, tape_needs
-from .graph import INPUT, Graph
+from .graph import Graph
+from .ops import op_of
 from .rules import RuleLike, get_composite
+from .trace import GraphError, build_graph, cached_graph
 
 METHODS = ("cam", "gradcam", "lrp", "gradient_input")
 Tensor = torch.Tensor
@@ -36,11 +37,25 @@ def _check_classes(classes: Tensor, batch: int, num_classes: int) -> Tensor:
 
 def class_activation_map(gap_feat: Tensor, weight: Tensor, classes: Tensor) -> Tensor:
     """Raw CAM Σ_c W[classes[b,k], c]·A[b,c,h,w] (no ReLU, bias or scaling): mean_hw(CAM) + bias = logit."""
-    return torch.einsum("bkc,bchw->bkhw", weight.flatten(1)[classes], gap_feat)
+    return _cam(gap_feat, weight.flatten(1)[classes])
 
 
-def _gap_maps(gap_feat: Tensor, weight: Tensor, classes: Tensor, method: str) -> Tensor:
-    cam = class_activation_map(gap_feat, weight, classes)
+def _cam(gap_feat: Tensor, weights: Tensor) -> Tensor:
+    """Σ_c weights[b,k,c]·A[b,c,h,w] for the per-sample class weights [B, K, C]."""
+    return torch.einsum("bkc,bchw->bkhw", weights, gap_feat)
+
+
+def _gap_maps(acts: Activations, classes: Tensor, method: str) -> Tensor:
+    """CAM, or Grad-CAM at gap where the classifier reads the pooled tensor directly (ReLU(CAM)/(H·W)). The class
+    weights are the classifier's rows, or through a normaliser after the pooling, the gradient of the logits with
+    respect to the pooled tensor with the normaliser's statistics held fixed (docs/explain.md, "CAM")."""
+    graph = acts.graph
+    gap_feat = acts.values[graph.gap]
+    if graph.plain_head:
+        weights = acts.params(graph.head)[0][classes]
+    else:
+        weights = propagate(acts, classes, graph.pooled, Spec("linear")).flatten(2)
+    cam = _cam(gap_feat, weights)
     return cam if method == "cam" else cam.clamp(min=0) / (gap_feat.shape[2] * gap_feat.shape[3])
 
 
@@ -51,13 +66,13 @@ def _maps(acts: Activations, classes: Tensor, method: str, layer: Union[str, int
         raise ValueError(f"explain method={method!r}: expected one of {METHODS}")
     if detach_normalizers and method != "lrp":
         raise ValueError(f"explain detach_normalizers=True: only LRP has normalisers, got method={method!r}")
-    classes = _check_classes(classes.to(acts.values[INPUT].device), acts.values[INPUT].shape[0],
-                             acts.values[graph.head.output].shape[1])
+    logits = acts.values[graph.head.output]
+    classes = _check_classes(classes.to(logits.device), logits.shape[0], logits.shape[1])
     target = graph.resolve(layer)
-    if method == "cam" and target != graph.gap:
-        raise ValueError(f"explain method='cam' is defined at layer='gap' only, got layer={layer!r}")
-    if method in ("cam", "gradcam") and target == graph.gap:
-        return _gap_maps(acts.values[target], acts.params(graph.head)[0], classes, method)
+    if method == "cam":
+        _check_cam(graph, target, layer)
+    if method == "cam" or (method == "gradcam" and target == graph.gap and graph.plain_head):
+        return _gap_maps(acts, classes, method)
     spec = Spec("lrp", get_composite(rule), zero_bias, detach_normalizers) if method == "lrp" else Spec("grad")
     r = propagate(acts, classes, target, spec, recompute=recompute)
     if r.dim() != 5:
@@ -69,6 +84,73 @@ def _maps(acts: Activations, classes: Tensor, method: str, layer: Union[str, int
     if method == "gradient_input":
         return (r * activation.unsqueeze(1)).sum(2)
     return torch.einsum("bkc,bchw->bkhw", r.mean((3, 4)), activation).clamp(min=0)
+
+
+def _check_cam(graph: Graph, target: str, layer: Union[str, int]) -> None:
+    if target != graph.gap:
+        raise ValueError(f"explain method='cam' is defined at layer='gap' only, got layer={layer!r}")
+    if graph.cam_error is not None:
+        raise ValueError(graph.cam_error)
+
+
+def supports(model: nn.Module, method: str = "cam", layer: Union[str, int] = "gap",
+             image_shape: Optional[Sequence[int]] = None) -> Optional[str]:
+    """None if `explain(model, image, classes, method, layer)` can explain `model`, else the one-line reason (the
+    model does not trace, an op has no rule, the layer does not exist, CAM on a head that is not linear after the
+    pooling). Cheap: one cached trace. Without `image_shape` (B, C, H, W) the model is traced at a probe size with
+    the channels of its first convolution (the structure of the head does not depend on it)."""
+    if method not in METHODS:
+        return f"explain method={method!r}: expected one of {METHODS}"
+    try:
+        graph = build_graph(model, image_shape) if image_shape is not None else _probe_graph(model)
+        target = graph.resolve(layer)
+        if method == "cam":
+            _check_cam(graph, target, layer)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+PROBE_SIZES = (64, 32, 224)  # input sides tried, when no input shape is known, until one has a pooling head
+
+
+def _probe_graph(model: nn.Module, gap_shape: Optional[Sequence[int]] = None) -> Graph:
+    """A graph of `model` to read its head from, when the input shape is unknown: a cached one (any input size)
+    whose pooled tensor has the per-sample `gap_shape`, else one traced at a probe size (rescaled so that its
+    pooled tensor has `gap_shape` where the first probe's does not)."""
+    def fits(graph: Graph) -> bool:
+        return graph.gap is not None and (gap_shape is None or graph.shapes[graph.gap] == tuple(gap_shape))
+
+    graph = cached_graph(model, fits)
+    if graph is not None:
+        return graph
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise GraphError(f"explain: {type(model).__name__} has no Conv2d to take the input's channels from; pass "
+                         f"the input shape")
+    graphs, error = [], None
+    sizes = list(PROBE_SIZES)
+    while sizes:
+        size = sizes.pop(0)
+        try:
+            graph = build_graph(model, (1, conv.in_channels, *_pair(size)))
+        except ValueError as e:
+            error = error or e
+            continue
+        if fits(graph):
+            return graph
+        graphs.append(graph)
+        if graph.gap is not None and gap_shape is not None and len(graphs) == 1:
+            # the same network at the input size whose pooled map has gap_shape's (constant total stride)
+            h, w = graph.shapes[graph.gap][1:]
+            sizes.insert(0, (gap_shape[-2] * _pair(size)[0] // h, gap_shape[-1] * _pair(size)[1] // w))
+    if not graphs:
+        raise error
+    return next((g for g in graphs if g.gap is not None), graphs[0])
+
+
+def _pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    return size if isinstance(size, tuple) else (size, size)
 
 
 def explain(model: nn.Module, image: Tensor, classes: Tensor, method: str = "cam", layer: Union[str, int] = "gap",
@@ -108,7 +190,9 @@ class Tape:
     """The inputs and outputs of every Conv2d / Linear of one forward, and whether each BatchNorm used batch
     statistics: the model's own activations, which the relevance graph then reuses instead of recomputing them (a
     training step keeps them for its backward anyway). BatchNorm outputs are not kept (they are recomputed from the
-    conv outputs); with `layer`, neither is anything that maps down to that layer do not read."""
+    conv outputs); with `layer`, neither is anything that maps down to that layer do not read. The relevance graph is
+    built (or found in the cache) when the forward starts; a layer output that the forward then overwrites in place
+    (a ReLU(inplace=True) right after a conv) is kept as a copy."""
 
     def __init__(self, model: nn.Module, layer: Union[str, int, None] = None):
         self.model = model
@@ -125,11 +209,13 @@ class Tape:
         if self.image is not None:
             raise ValueError(f"record: {type(self.model).__name__} ran more than once inside one record()")
         self.image = image
+        self.graph = build_graph(self.model, image.shape)
         if self.layer is not None:
-            self.graph = build_graph(self.model, image.shape)
             self.keep = tape_needs(self.graph, self.graph.resolve(self.layer))
 
     def _store(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not isinstance(output, Tensor):  # a module traced through while the graph is built: not a forward
+            return
         self._calls[name] = self._calls.get(name, 0) + 1
         if is_batchnorm(module):
             # A BN output is recomputed from its input when needed: keeping it would hold one more activation per
@@ -139,6 +225,8 @@ class Tape:
             self.captured[name] = (output if identity else None, uses_batch)
             return
         keep_output = self.keep is None or name in self.keep[0]
+        if keep_output and name in self.graph.overwritten:
+            output = output.clone()  # the model overwrites it in place next (a ReLU(inplace=True) on a conv output)
         self.captured[name] = (output if keep_output else None, False)
         if keep_output:
             self._versions[(name, "output")] = output._version
@@ -157,13 +245,14 @@ class Tape:
             tensor = self.captured[name][0] if kind == "output" else self.inputs[name]
             if tensor._version != version:
                 raise ValueError(f"explain_recorded: the {kind} of {name} was modified in place after it was "
-                                 f"recorded; use explain() for models with in-place ops")
+                                 f"recorded (by an op the trace shows as out of place, such as `out += x`); use "
+                                 f"explain() for this model")
 
 
 @contextmanager
 def record(model: nn.Module, layer: Union[str, int, None] = None) -> Iterator[Tape]:
     """`with record(model) as tape: logits, feats = model(x)` keeps the layer outputs that `explain_recorded` needs
-    (references only; nothing is copied or changed).
+    (references, except copies of outputs the forward overwrites in place; nothing is changed).
 
     `layer`: keep only what maps down to that layer read (`explain_recorded` then refuses a deeper layer). For a
     teacher run under no_grad, whose activations would otherwise be freed as the forward goes, this is the
@@ -188,7 +277,7 @@ def explain_recorded(tape: Tape, classes: Tensor, method: str = "cam", layer: Un
     differentiable through the recorded activations (the student path of a training step). Activations recorded
     under autocast are promoted to the parameters' precision."""
     tape.check()
-    graph = tape.graph or build_graph(tape.model, tape.image.shape)
+    graph = tape.graph
     if tape.keep is not None and graph.resolve(layer) != graph.resolve(tape.layer):
         outputs, inputs = tape_needs(graph, graph.resolve(layer))
         if not (outputs <= tape.keep[0] and inputs <= tape.keep[1]):
@@ -214,9 +303,23 @@ def explain_from_features(model: nn.Module, feats: Dict[str, object], classes: T
         raise ValueError(f"explain_from_features method={method!r}: expected 'cam' or 'gradcam' (use record() and "
                          f"explain_recorded for other methods)")
     gap_feat = feats["gap_feat"]
-    weight = model.get_classifier().weight
-    classes = _check_classes(classes.to(gap_feat.device), gap_feat.shape[0], weight.shape[0])
+    graph = _probe_graph(model, gap_feat.shape[1:])
+    graph.resolve("gap")  # refuses a model without a global-average-pooling head
+    if method == "cam":
+        _check_cam(graph, graph.gap, "gap")
+    classes = _check_classes(classes.to(gap_feat.device), gap_feat.shape[0], graph.shapes[graph.head.output][0])
     with torch.set_grad_enabled(create_graph):
-        if not create_graph:
-            gap_feat, weight = gap_feat.detach(), weight.detach()
-        return _gap_maps(gap_feat, weight, classes, method)
+        if graph.plain_head:
+            return _gap_maps(Activations(graph, {graph.gap: gap_feat}), classes, method)
+        with _full_precision(gap_feat):
+            acts = _head_forward(graph, gap_feat.to(_parameter_dtype(model)))
+            return _maps(acts, classes, method, "gap", "epsilon_plus_flat", False, False, False)
+
+
+def _head_forward(graph: Graph, gap_feat: Tensor) -> Activations:
+    """The activations from `gap_feat` to the logits: the ops of the head alone."""
+    acts = Activations(graph, {graph.gap: gap_feat})
+    start = next(i for i, node in enumerate(graph.nodes) if node.output == graph.pooled)
+    for node in graph.nodes[start:]:
+        acts.values[node.output] = op_of(node).forward(acts, node, [acts.values[key] for key in node.inputs])
+    return acts

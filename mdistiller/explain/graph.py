@@ -1,26 +1,25 @@
 """The relevance graph: the ordered ops of one model's forward, each naming the tensors it reads and writes.
 
-Adapters (`adapters.py`) write a model's forward once more with a `GraphBuilder`, op by op, including what the model
-does functionally (`F.relu`, `+`, `torch.cat`, channel shuffles, `F.avg_pool2d`), so the engine can both re-run the
-forward and send relevance or gradients back through every op. Ops:
+`trace.build_graph` makes it by tracing the model with torch.fx, so the engine can both re-run the forward and send
+relevance or gradients back through every op. Ops (what the engine does with each is its object in `ops.OPS`):
 
 - "conv" / "linear": a Conv2d / Linear, optionally followed by the BatchNorm folded into it; a BatchNorm alone is a
   depthwise 1x1 "conv" whose parameters are its affine map (role "bn").
-- "act" (relu, relu6), "add", "cat", "slice" (one side of a channel split), "shuffle" (channel shuffle),
-  "avgpool", "maxpool", "gap" (spatial mean to [B, C]), "flatten".
-
-What the engine does with each op (forward, recomputation, relevance and gradient) is its object in `ops.OPS`.
+- "norm": a LayerNorm over the last dimension (role "bn": an affine map with the sample's statistics held fixed).
+- "act" (relu, relu6, silu, gelu, hardswish, hardsigmoid, sigmoid, tanh), "add", "mul" (a signal times a gate),
+  "scale" (times a constant or a parameter), "cat", "index" (a slice), "reshape", "permute", "avgpool", "maxpool",
+  "gap" (the spatial mean).
 """
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch.nn as nn
 
-from .batchnorm import is_batchnorm
-
 INPUT = "input"
-NONNEG_OPS = ("act",)
-INHERIT_OPS = ("add", "cat", "slice", "shuffle", "avgpool", "maxpool", "gap", "flatten")
+NONNEG_ACTS = ("relu", "relu6", "sigmoid", "hardsigmoid")
+# ops whose output is non-negative where every input is (then z+ rules need no negative-input term)
+INHERIT_OPS = ("add", "mul", "cat", "index", "reshape", "permute", "avgpool", "maxpool", "gap")
 
 
 @dataclass
@@ -35,18 +34,42 @@ class Node:
 
 @dataclass
 class Graph:
-    """Nodes in forward order; the last is the classifier. `gap` is the key of the tensor whose spatial mean feeds
-    the classifier (None if the head is not GAP + linear), `stages` the keys of `feats["feats"]`."""
+    """Nodes in forward order; the last is the classifier.
 
-    model: nn.Module
+    `gap`: the key of the tensor whose spatial mean feeds the classifier (None if the logits do not come from a
+    global average pooling), `pooled` the key of that mean. `head`: the ops from the pooling to the classifier;
+    `cam_error` says why CAM is not defined there (None: the classifier is linear in the pooled tensor, normaliser
+    scales held fixed). `stages`: the keys of `feats["feats"]` (None for a stage that does not lead to the logits).
+    `aliases`: further names (enclosing modules, fx nodes) of tensors; `shapes` their per-sample shapes.
+    `overwritten`: the conv / linear modules whose output the forward overwrites in place (a tape keeps a copy)."""
+
+    model_ref: "weakref.ref[nn.Module]"
     nodes: List[Node]
-    stages: List[str]
+    stages: List[Optional[str]]
     gap: Optional[str]
+    pooled: Optional[str]
+    cam_error: Optional[str]
     nonneg: Set[str]
+    aliases: Dict[str, str]
+    shapes: Dict[str, Tuple[int, ...]]
+    overwritten: Set[str] = field(default_factory=set)
+
+    @property
+    def model(self) -> nn.Module:
+        model = self.model_ref()
+        if model is None:
+            raise ValueError("relevance graph: its model no longer exists")
+        return model
 
     @property
     def head(self) -> Node:
         return self.nodes[-1]
+
+    @property
+    def plain_head(self) -> bool:
+        """Whether the pooled tensor is the classifier's input (CAM and Grad-CAM at gap are then one einsum with
+        the classifier's weight)."""
+        return self.pooled is not None and self.head.inputs[0] == self.pooled
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
@@ -56,145 +79,57 @@ class Graph:
 
     def resolve(self, layer: Union[str, int]) -> str:
         """"gap", "input", a stage index (int or digit string, negative allowed) or a tensor key (module name)."""
+        name = type(self.model).__name__
         if isinstance(layer, str) and layer.lstrip("-").isdigit():
             layer = int(layer)
         if isinstance(layer, int):
             if not -len(self.stages) <= layer < len(self.stages):
-                raise ValueError(f"explain layer={layer}: {type(self.model).__name__} has {len(self.stages)} stages")
+                raise ValueError(f"explain layer={layer}: {name} has {len(self.stages)} stages")
+            if self.stages[layer] is None:
+                raise ValueError(f"explain layer={layer}: stage {layer} of {name} does not lead to the logits")
             return self.stages[layer]
         if layer == "gap":
             if self.gap is None:
-                raise ValueError(f"explain layer='gap': {type(self.model).__name__} has no global-average-pooling "
-                                 f"head; use 'input', a stage index or one of {self.keys()[:8]}...")
+                raise ValueError(f"explain layer='gap': {name} has no global-average-pooling head; use 'input', a "
+                                 f"stage index or one of {self.keys()[:8]}...")
             return self.gap
-        if layer not in self.keys():
-            raise ValueError(f"explain layer={layer!r}: not a tensor of {type(self.model).__name__}; expected 'gap', "
-                             f"'input', a stage index or one of {self.keys()}")
+        if layer in self.aliases:
+            return self.aliases[layer]
+        if layer != INPUT and layer not in self.shapes:
+            raise ValueError(f"explain layer={layer!r}: not a tensor of {name}; expected 'gap', 'input', a stage "
+                             f"index or one of {self.keys()}")
         return layer
 
 
 class GraphBuilder:
-    """Records ops in call order; each method returns the key of the op's output tensor."""
+    """Emits ops in forward order; `add` returns the key of the op's output tensor."""
 
-    def __init__(self, model: nn.Module, image_shape: Sequence[int]):
-        self.model = model
-        self.image_shape = tuple(image_shape)
+    def __init__(self):
         self.nodes: List[Node] = []
-        self.stages: List[str] = []
-        self.gap_key: Optional[str] = None
-        self._keys = {INPUT}
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
 
-    def _add(self, op: str, inputs: Sequence[str], name: Optional[str], modules: Sequence[str] = (),
-             role: str = "", **attrs: object) -> str:
-        key = name or (modules[-1] if modules else f"{op}{len(self.nodes)}")
-        if key in self._keys:
-            raise ValueError(f"relevance graph of {type(self.model).__name__}: tensor key {key!r} defined twice")
-        for x in inputs:
-            if x not in self._keys:
-                raise ValueError(f"relevance graph of {type(self.model).__name__}: {op} reads unknown tensor {x!r}")
-        self._keys.add(key)
+    def add(self, op: str, inputs: Sequence[str], key: str, shape: Sequence[int], modules: Sequence[str] = (),
+            role: str = "", **attrs: object) -> str:
+        """A node writing tensor `key` of per-sample `shape`; a taken key gets a "_N" suffix."""
+        key = self.fresh(key)
+        self.shapes[key] = tuple(shape)
         self.nodes.append(Node(op, tuple(inputs), key, tuple(modules), role, dict(attrs)))
         return key
 
-    def conv(self, x: str, conv: str, bn: Optional[str] = None, name: Optional[str] = None) -> str:
-        """A Conv2d or Linear module (by qualified name), with the BatchNorm that directly follows it folded in."""
-        module = self.model.get_submodule(conv)
-        modules = (conv,) if bn is None else (conv, bn)
-        if isinstance(module, nn.Linear):
-            return self._add("linear", [x], name, modules, role="first" if x == INPUT else "linear")
-        if not isinstance(module, nn.Conv2d) or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError(f"relevance graph: {conv} is {module!r}; expected a Linear or a zero-padded Conv2d "
-                             f"with numeric padding")
-        return self._add("conv", [x], name, modules, role="first" if x == INPUT else "conv", stride=module.stride,
-                         padding=module.padding, dilation=module.dilation, groups=module.groups)
-
-    def bn(self, x: str, bn: str, name: Optional[str] = None) -> str:
-        """A BatchNorm that no linear layer precedes directly: a per-channel affine map (depthwise 1x1 conv)."""
-        channels = self.model.get_submodule(bn).num_features
-        return self._add("conv", [x], name, (bn,), role="bn", stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                         groups=channels)
-
-    def act(self, x: str, kind: str = "relu", name: Optional[str] = None) -> str:
-        return self._add("act", [x], name, kind=kind)
-
-    def relu(self, x: str, name: Optional[str] = None) -> str:
-        return self.act(x, "relu", name)
-
-    def add(self, a: str, b: str, name: Optional[str] = None) -> str:
-        return self._add("add", [a, b], name)
-
-    def cat(self, xs: Sequence[str], name: Optional[str] = None) -> str:
-        return self._add("cat", xs, name)
-
-    def split(self, x: str, ratio: float) -> Tuple[str, str]:
-        """The first int(C·ratio) channels and the rest (ShuffleNetV2's SplitBlock)."""
-        return self._add("slice", [x], None, ratio=ratio, part=0), self._add("slice", [x], None, ratio=ratio, part=1)
-
-    def shuffle(self, x: str, groups: int, name: Optional[str] = None) -> str:
-        return self._add("shuffle", [x], name, groups=groups)
-
-    def avgpool(self, x: str, module: str, name: Optional[str] = None) -> str:
-        """An AvgPool2d or AdaptiveAvgPool2d module (its hyper-parameters; it has no state)."""
-        return self._add("avgpool", [x], name or module, pool=self.model.get_submodule(module))
-
-    def maxpool(self, x: str, module: str, name: Optional[str] = None) -> str:
-        return self._add("maxpool", [x], name or module, pool=self.model.get_submodule(module))
-
-    def flatten(self, x: str, name: Optional[str] = None) -> str:
-        return self._add("flatten", [x], name)
-
-    def gap_head(self, x: str, classifier: str) -> str:
-        """Global average pooling of `x` into the classifier (a Linear or a 1x1 Conv2d used as one)."""
-        self.gap_key = x
-        pooled = self._add("gap", [x], "pooled_feat")
-        return self.head(pooled, classifier)
-
-    def head(self, x: str, classifier: str) -> str:
-        module = self.model.get_submodule(classifier)
-        if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1):
-            raise ValueError(f"relevance graph: classifier {classifier} is {module!r}; expected Linear or 1x1 Conv2d")
-        return self._add("linear", [x], classifier, (classifier,), role="linear")
-
-    def sequential(self, x: str, prefix: str) -> str:
-        """Walk an nn.Sequential of standard layers (folding each BatchNorm into the conv right before it)."""
-        children = list(self.model.get_submodule(prefix).named_children())
-        i = 0
-        while i < len(children):
-            child_name, child = children[i]
-            name = f"{prefix}.{child_name}"
-            if isinstance(child, (nn.Conv2d, nn.Linear)):
-                follows = children[i + 1][1] if i + 1 < len(children) else None
-                if is_batchnorm(follows):
-                    x = self.conv(x, name, f"{prefix}.{children[i + 1][0]}")
-                    i += 1
-                else:
-                    x = self.conv(x, name)
-            elif is_batchnorm(child):
-                x = self.bn(x, name)
-            elif isinstance(child, (nn.ReLU, nn.ReLU6)):
-                x = self.act(x, "relu6" if isinstance(child, nn.ReLU6) else "relu", name)
-            elif isinstance(child, (nn.MaxPool2d,)):
-                x = self.maxpool(x, name)
-            elif isinstance(child, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-                x = self.avgpool(x, name)
-            elif isinstance(child, nn.Flatten):
-                x = self.flatten(x, name)
-            elif isinstance(child, nn.Sequential):
-                x = self.sequential(x, name)
-            elif isinstance(child, nn.Dropout):
-                if child.training and child.p > 0:
-                    raise ValueError(f"relevance graph: {name} is a Dropout in training mode (random, not in the "
-                                     f"graph); call .eval() on the model or set p=0")
-            elif not isinstance(child, nn.Identity):
-                raise ValueError(f"relevance graph: no rule for {name} ({type(child).__name__}) in {prefix}")
+    def fresh(self, key: str) -> str:
+        if key not in self.shapes and key != INPUT:
+            return key
+        i = 1
+        while f"{key}_{i}" in self.shapes:
             i += 1
-        return x
+        return f"{key}_{i}"
 
-    def build(self) -> Graph:
-        if not self.nodes or self.nodes[-1].op != "linear":
-            raise ValueError(f"relevance graph of {type(self.model).__name__}: must end with the classifier")
-        nonneg: Set[str] = set()
-        for node in self.nodes:
-            if node.op in NONNEG_OPS or (node.op in INHERIT_OPS and all(x in nonneg for x in node.inputs)):
-                nonneg.add(node.output)
-        return Graph(self.model, self.nodes, self.stages, self.gap_key, nonneg)
+
+def nonneg_keys(nodes: Sequence[Node]) -> Set[str]:
+    """Tensors that are non-negative by construction (rectified, or made only from rectified tensors)."""
+    nonneg: Set[str] = set()
+    for node in nodes:
+        rectified = node.op == "act" and node.attrs["kind"] in NONNEG_ACTS
+        if rectified or (node.op in INHERIT_OPS and all(x in nonneg for x in node.inputs)):
+            nonneg.add(node.output)
+    return nonneg

@@ -6,7 +6,7 @@ A linear layer z = W·x + b redistributes its output relevance R with one formul
 
 where each term modifies the input (x, x⁺, x⁻, ones, box bounds) and the parameters (W, W⁺, W⁻, ones, W², W+γW±),
 and a group may apply only to output units whose unmodified z is positive or negative (generalised γ). `Rule`
-objects only describe this; `ops.py` (`Affine.relevance`) evaluates it for every layer type. Stabilisers follow zennit:
+objects only describe this; `ops.py` (`Ruled.relevance`) evaluates it for every layer type. Stabilisers follow zennit:
 stab(z) = z + ε·sign(z), with sign(0) = +1.
 """
 from dataclasses import dataclass, field, replace

@@ -112,13 +112,17 @@ def segmentation_evaluate(
     normalize: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device = CPU,
     keep: int = 0,
-) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+    seed: int = 0,
+) -> Dict[str, object]:
     """Run the test over `loader` of (image01, mask) batches; `map_fn(x_normalised, classes (B,)) -> (B, h, w)`.
 
-    Returns the scores and the first `keep` (image, mask, map) triples for figures.
+    Returns "scores" (the data-set aggregates), "uncertainty" (per score: std over images and a 95 % interval, the
+    bootstrap ones seeded with `seed`; SegmentationMeter.uncertainty), "per_image" (index, pred and each image's own
+    scores) and "examples", the first `keep` (image, mask, map) triples for figures.
     """
     meter = SegmentationMeter()
     kept = {"image": [], "mask": [], "map": []}
+    preds = []
     model.eval()
     for image, mask in loader:
         x = normalize(image.to(device))
@@ -127,10 +131,13 @@ def segmentation_evaluate(
         maps = upsample_maps(map_fn(x, pred).detach(), mask.shape[-2:]).cpu()
         for r, m in zip(maps, mask):
             meter.update(r, m)
+        preds.append(pred.cpu())
         n_keep = keep - sum(t.shape[0] for t in kept["image"])
         if n_keep > 0:
             kept["image"].append(image[:n_keep])
             kept["mask"].append(mask[:n_keep])
             kept["map"].append(maps[:n_keep])
-    examples = {k: torch.cat(v) for k, v in kept.items() if v}
-    return meter.result(), examples
+    scores = meter.result()
+    per_image = {"index": np.arange(scores["num_images"]), "pred": torch.cat(preds).numpy(), **meter.per_image()}
+    return {"scores": scores, "uncertainty": meter.uncertainty(seed), "per_image": per_image,
+            "examples": {k: torch.cat(v) for k, v in kept.items() if v}}

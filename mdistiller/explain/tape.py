@@ -29,9 +29,10 @@ class Activations:
     _bn: Dict[str, Tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def params(self, node: Node) -> Tuple[Tensor, Optional[Tensor]]:
-        """(W', b') of a conv/linear node with its BatchNorm folded in, from the live parameters."""
+        """(W, b) of a ruled node's affine map (a conv / linear one with its BatchNorm folded in), from the live
+        parameters."""
         if node.output not in self._params:
-            self._params[node.output] = _fold(self, node)
+            self._params[node.output] = op_of(node).parameters(self, node)
         return self._params[node.output]
 
     def bn_affine(self, node: Node) -> Tuple[Tensor, Tensor]:
@@ -48,20 +49,6 @@ class Activations:
                 pre = None  # running statistics: the input is not needed
             self._bn[node.output] = bn_affine(bn, pre, batch_stats)
         return self._bn[node.output]
-
-
-def _fold(acts: Activations, node: Node) -> Tuple[Tensor, Optional[Tensor]]:
-    """W' = W·γ/√(σ²+ε), b' = (b−μ)·γ/√(σ²+ε) + β; a BatchNorm alone is the depthwise 1x1 conv (scale, shift)."""
-    modules = [acts.graph.module(name) for name in node.modules]
-    if is_batchnorm(modules[0]):
-        scale, shift = acts.bn_affine(node)
-        return scale.view(-1, 1, 1, 1), shift
-    w, b = op_of(node).weight(modules[0]), modules[0].bias
-    if len(modules) == 1:
-        return w, b
-    scale, shift = acts.bn_affine(node)
-    w = w * scale.view(-1, *[1] * (w.dim() - 1))
-    return w, shift if b is None else shift + b * scale
 
 
 class RecordedValues(dict):
@@ -88,7 +75,7 @@ def bind(graph: Graph, image: Tensor, captured: Dict[str, Tuple[Optional[Tensor]
     and every BatchNorm's unless it is its input: a folded teacher's identity BN)."""
     inputs = inputs or {}
     for node in graph.nodes:
-        for name in node.modules:
+        for name in node.modules if op_of(node).records else ():
             if name not in captured:
                 raise ValueError(f"explain_recorded: module {name} of {type(graph.model).__name__} did not run in the "
                                  f"recorded forward")
@@ -96,14 +83,14 @@ def bind(graph: Graph, image: Tensor, captured: Dict[str, Tuple[Optional[Tensor]
     recorded = {INPUT: image}
     for node in graph.nodes:
         op = op_of(node)
-        if not op.affine:
+        if not op.records:
             continue
         if node.modules[0] in inputs:
-            recorded.setdefault(node.inputs[0], op.recorded(inputs[node.modules[0]]))
+            recorded.setdefault(node.inputs[0], op.recorded(node, inputs[node.modules[0]], "in"))
         out = captured[node.modules[-1]][0]
         if not is_batchnorm(graph.module(node.modules[-1])):
             if out is not None:
-                recorded[node.output] = op.recorded(out)
+                recorded[node.output] = op.recorded(node, out, "out")
             continue
         acts.batch_stats[node.output] = captured[node.modules[-1]][1]
         if out is not None:
