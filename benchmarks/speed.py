@@ -61,8 +61,8 @@ def _distiller(method: str, teacher: str, student: str, opts: Sequence, fold: bo
     if not fold:
         cls = type(f"Eager{cls.__name__}", (cls,), {"fold_teacher": False})
     torch.manual_seed(0)
-    model = cls(build_model(student, NUM_CLASSES, "cifar100"),
-                build_model(teacher, NUM_CLASSES, "cifar100", key="--teacher"), cfg)
+    model = cls(build_model(student, NUM_CLASSES, dataset="cifar100"),
+                build_model(teacher, NUM_CLASSES, dataset="cifar100", key="--teacher"), cfg)
     return model.to(device), cfg
 
 

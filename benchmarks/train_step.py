@@ -50,12 +50,12 @@ def measure(
 ) -> dict:
     cfg = load_cfg(None, ["DISTILLER.TYPE", method, "DATASET.TYPE", dataset, "SOLVER.BATCH_SIZE", batch_size, *opts])
     num_classes, size = NUM_CLASSES[dataset], IMAGE_SIZE[dataset]
-    model_student = build_model(student, num_classes, dataset, key="--student")
+    model_student = build_model(student, num_classes, dataset=dataset, key="--student")
     cls = distiller_class(method)
     if not cls.needs_teacher:
         distiller = cls(model_student)
     else:
-        model_teacher = build_model(teacher, num_classes, dataset, key="--teacher")  # random weights: same cost
+        model_teacher = build_model(teacher, num_classes, dataset=dataset, key="--teacher")  # random weights: same cost
         distiller = cls(model_student, model_teacher, cfg)
     device = torch.device(device)
     distiller = distiller.to(device)

@@ -57,8 +57,8 @@ def _build_distiller(cfg):
     from mdistiller.models import build_model
 
     torch.manual_seed(0)
-    student = build_model("resnet8", 100, "cifar100")
-    teacher = build_model("resnet8", 100, "cifar100")
+    student = build_model("resnet8", 100, dataset="cifar100")
+    teacher = build_model("resnet8", 100, dataset="cifar100")
     return distiller_dict["KD"](student, teacher, cfg)
 
 

@@ -32,15 +32,15 @@ def _randomise_batchnorm(model: nn.Module, seed: int) -> nn.Module:
 def _kd(teacher: str = "resnet8x4", seed: int = 0):
     cfg = load_cfg(None, ["DISTILLER.TYPE", "KD"])
     torch.manual_seed(seed)
-    teacher_model = _randomise_batchnorm(build_model(teacher, 100, "cifar100"), seed)
-    return distiller_dict["KD"](build_model("resnet8", 100, "cifar100"), teacher_model, cfg), cfg
+    teacher_model = _randomise_batchnorm(build_model(teacher, 100, dataset="cifar100"), seed)
+    return distiller_dict["KD"](build_model("resnet8", 100, dataset="cifar100"), teacher_model, cfg), cfg
 
 
 # WRN is pre-activation: the BatchNorms after a stage's shortcut sum cannot be folded, those inside blocks can
 @pytest.mark.parametrize("teacher,all_folded", [("resnet8x4", True), ("vgg8", True), ("wrn_16_2", False)])
 def test_teacher_batchnorm_is_folded_on_first_call_with_equal_outputs_and_state_dict(teacher, all_folded):
     distiller, _ = _kd(teacher)
-    reference = build_model(teacher, 100, "cifar100").eval()
+    reference = build_model(teacher, 100, dataset="cifar100").eval()
     reference.load_state_dict(distiller.teacher.state_dict())
     state_before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
     distiller.train()
@@ -64,7 +64,7 @@ def test_folded_teacher_refolds_after_load_state_dict():
     image = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         distiller.teacher(image)  # folds
-    other = _randomise_batchnorm(build_model("resnet8x4", 100, "cifar100"), seed=5).eval()
+    other = _randomise_batchnorm(build_model("resnet8x4", 100, dataset="cifar100"), seed=5).eval()
     distiller.teacher.load_state_dict(other.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(distiller.teacher(image)[0], other(image)[0], rtol=1e-4, atol=1e-4)

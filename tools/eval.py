@@ -2,9 +2,10 @@
 
     python3 tools/eval.py -m resnet8x4 -c output/cifar100_baselines/dkd,res32x4,res8x4/student_best [-bs 64]
 
-CKPT may be a full checkpoint (`best`, `latest`), a `student_*` file, a teacher file or a bare state dict; the default
-"pretrain" is the registry's teacher checkpoint (torchvision weights on ImageNet). Trailing KEY VALUE pairs override
-the config (e.g. DATASET.ROOT). Prints top-1, top-5 and the mean cross-entropy.
+CKPT may be a full checkpoint (`best`, `latest`), a `student_*` file, a teacher file, a bare state dict or a timm /
+torchvision weights file (docs/models.md); the default "pretrain" is the registry's teacher checkpoint (torchvision
+weights on ImageNet), "hub" downloads the hub weights of a timm:<name> / torchvision:<name> model. Trailing KEY VALUE
+pairs override the config (e.g. DATASET.ROOT). Prints top-1, top-5 and the mean cross-entropy.
 """
 import argparse
 import os
@@ -34,8 +35,10 @@ def evaluate(model_name: str, ckpt: str, dataset: str, batch_size: int, opts: Li
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser("evaluation of a trained model.")
-    parser.add_argument("-m", "--model", type=str, default="", help="registry name, e.g. resnet8x4")
-    parser.add_argument("-c", "--ckpt", type=str, default="pretrain", help="weights file (default: registry teacher)")
+    parser.add_argument("-m", "--model", type=str, default="",
+                        help="model name (docs/models.md), e.g. resnet8x4, timm:resnet18")
+    parser.add_argument("-c", "--ckpt", type=str, default="pretrain",
+                        help="weights file, pretrain (the registry's teacher, default) or hub")
     parser.add_argument("-d", "--dataset", type=str, default="cifar100", choices=sorted(DATASETS))
     parser.add_argument("-bs", "--batch-size", type=int, default=64)
     parser.add_argument("--debug", action="store_true", default=False, help="tracebacks instead of one-line errors")

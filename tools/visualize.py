@@ -5,8 +5,9 @@
     python tools/visualize.py corr -t resnet32x4 -tc pretrain -m resnet8x4 -c ckpt -d cifar100
     python tools/visualize.py curves output/run_a/worklog.txt output/run_b/worklog.txt --metrics test_acc train_loss
 
-Models, checkpoints and data are resolved as in tools/explain_eval.py (mdistiller.launch.eval_common). Errors are one
-line on stderr; `--debug` shows the traceback instead.
+Models, checkpoints and data are resolved as in tools/explain_eval.py (mdistiller.launch.eval_common). `--out` is a
+.png file, or a folder that then receives `<subcommand>.png` (docs/evaluation.md). Errors are one line on stderr;
+`--debug` shows the traceback instead.
 """
 import argparse
 import json
@@ -24,14 +25,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mdistiller.errors import ConfigError
-from mdistiller.explain import METHODS
 from mdistiller.explain.segmentation import upsample_maps
 from mdistiller.launch.build import PRETRAIN, load_model
 from mdistiller.launch.cli import run_cli
 from mdistiller.launch.eval_common import (
     add_common_arguments,
     add_debug_argument,
+    add_method_arguments,
     load_eval_data,
+    lrp_options,
     make_map_fn,
     model_labels,
     pair_models,
@@ -40,6 +42,13 @@ from mdistiller.launch.eval_common import (
 )
 
 TEACHER_KEYS = {"key": "-t/--teacher", "ckpt_key": "-tc/--teacher-ckpt"}
+OUT_HELP = "a .png file, or a folder (created if needed) that receives <subcommand>.png"
+HEATMAP_IMAGES = 8  # heatmaps without --num-images
+
+
+def figure_path(out: str, command: str) -> str:
+    """--out as the PNG path: itself if it names a .png file, else `<out>/<command>.png` (a folder)."""
+    return out if out.lower().endswith(".png") else os.path.join(out, f"{command}.png")
 
 
 def parse_worklog(path: str) -> Dict[str, object]:
@@ -89,7 +98,7 @@ def run_curves(args: argparse.Namespace) -> Dict[str, object]:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     save_figure(fig, args.out)
-    return {"metrics": metrics, "best_acc": {k: v["best_acc"] for k, v in logs.items()}}
+    return {"metrics": metrics, "best_acc": {k: v["best_acc"] for k, v in logs.items()}, "out": args.out}
 
 
 def _predict_all(model: torch.nn.Module, loader, normalize, device) -> Dict[str, np.ndarray]:
@@ -103,13 +112,26 @@ def _predict_all(model: torch.nn.Module, loader, normalize, device) -> Dict[str,
     return {k: torch.cat(v).numpy() for k, v in (("logits", logits), ("pooled", pooled), ("labels", labels))}
 
 
+def _first_images(loader, n: int):
+    """The first `n` (images, labels) of `loader`, across as many batches as that takes."""
+    images, labels, have = [], [], 0
+    for x, y in loader:
+        images.append(x[: n - have])
+        labels.append(y[: n - have])
+        have += images[-1].shape[0]
+        if have >= n:
+            break
+    return torch.cat(images), torch.cat(labels)
+
+
 def run_heatmaps(args: argparse.Namespace) -> Dict[str, object]:
     device = torch.device(args.device)
     ckpts = pair_models(args)
+    lrp = lrp_options([args.method], args.rule, args.zero_bias)
     labels = model_labels(args, args.model, ckpts)
     loader, normalize, num_classes = load_eval_data(args)
-    images, target = next(iter(loader))
-    images, target = images[: args.num_images or 8].to(device), target[: args.num_images or 8].to(device)
+    images, target = _first_images(loader, args.num_images or HEATMAP_IMAGES)
+    images, target = images.to(device), target.to(device)
     models = [load_model(n, args.dataset, num_classes, c).to(device) for n, c in zip(args.model, ckpts)]
     x = normalize(images)
     with torch.no_grad():
@@ -117,7 +139,8 @@ def run_heatmaps(args: argparse.Namespace) -> Dict[str, object]:
     columns = []
     for model, pred in zip(models, preds):
         classes = {"label": target, "first": preds[0], "own": pred}[args.classes]
-        maps = upsample_maps(make_map_fn(model, args.method, args.layer)(x, classes).detach(), images.shape[-2:])
+        map_fn = make_map_fn(model, args.method, args.layer, **lrp)
+        maps = upsample_maps(map_fn(x, classes).detach(), images.shape[-2:])
         columns.append((maps.cpu(), classes.cpu(), pred.cpu()))
     n, cols = images.shape[0], 1 + len(models)
     fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n), squeeze=False)
@@ -135,7 +158,7 @@ def run_heatmaps(args: argparse.Namespace) -> Dict[str, object]:
     for a in axes.flat:
         a.axis("off")
     save_figure(fig, args.out)
-    return {"method": args.method, "classes": args.classes, "num_images": n}
+    return {"method": args.method, "classes": args.classes, "num_images": n, "out": args.out}
 
 
 def run_tsne(args: argparse.Namespace) -> Dict[str, object]:
@@ -156,7 +179,7 @@ def run_tsne(args: argparse.Namespace) -> Dict[str, object]:
         ax.set_xticks([])
         ax.set_yticks([])
     save_figure(fig, args.out)
-    return {"num_images": int(len(loader.dataset))}
+    return {"num_images": int(len(loader.dataset)), "out": args.out}
 
 
 def class_mean_logits(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -207,16 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("heatmaps", help="images x (teacher | student A | ...) heatmap grid")
-    add_common_arguments(p, "cifar100")
-    p.add_argument("--method", choices=METHODS, default="cam")
+    add_common_arguments(p, "cifar100", OUT_HELP)
+    add_method_arguments(p)
     p.add_argument("--classes", choices=("first", "label", "own"), default="first",
                    help="explain the first model's prediction (all columns alike), the label, or each model's own")
     p = sub.add_parser("tsne", help="t-SNE of pooled features, one panel per model")
-    add_common_arguments(p, "cifar100")
+    add_common_arguments(p, "cifar100", OUT_HELP)
     p.add_argument("--perplexity", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("corr", help="teacher-student difference of class-mean logit (correlation) matrices")
-    add_common_arguments(p, "cifar100")
+    add_common_arguments(p, "cifar100", OUT_HELP + " (and the .json beside it)")
     p.add_argument("-t", "--teacher", required=True)
     p.add_argument("-tc", "--teacher-ckpt", default=PRETRAIN)
     p.add_argument("--max-diff", type=float, default=0.0, help="colour-scale maximum (0: the largest difference)")
@@ -224,16 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("logs", nargs="+", help="worklog.txt files")
     p.add_argument("--labels", nargs="+")
     p.add_argument("--metrics", nargs="+", help="default: every metric in the logs except lr")
-    p.add_argument("--out", default="output/visualize/curves.png")
+    p.add_argument("--out", help=OUT_HELP)
     add_debug_argument(p)
-    for name, q in sub.choices.items():
-        if name != "curves":
-            q.set_defaults(out=f"output/visualize/{name}.png")
+    for q in sub.choices.values():
+        q.set_defaults(out="output/visualize")
     return parser
 
 
 def execute(args: argparse.Namespace) -> Dict[str, object]:
     """Draw the subcommand's figure for parsed `args`; its summary, also printed as one JSON line."""
+    args.out = figure_path(args.out, args.command)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     runner = {"heatmaps": run_heatmaps, "tsne": run_tsne, "corr": run_corr, "curves": run_curves}
     result = runner[args.command](args)

@@ -6,7 +6,6 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ._base import Distiller, register_distiller
 from ._common import count_parameters
@@ -164,7 +163,7 @@ class CRD(Distiller):
             feature_student["pooled_feat"], feature_teacher["pooled_feat"], index, contrastive_index
         )
         losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_ce": self.ce_loss_weight * self.ce_loss(logits_student, target),
             "loss_kd": self.feat_loss_weight * loss_crd,
         }
         return logits_student, losses_dict

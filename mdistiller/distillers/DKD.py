@@ -72,7 +72,7 @@ class DKD(Distiller):
             logits_student, logits_teacher, target, self.alpha, self.beta, self.temperature
         )
         losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_ce": self.ce_loss_weight * self.ce_loss(logits_student, target),
             "loss_kd": loss_dkd,
         }
         return logits_student, losses_dict

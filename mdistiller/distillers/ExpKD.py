@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..explain import Tape, explain_from_features, explain_recorded, record
+from ..explain import Tape, explain_from_features, explain_recorded, record, supports
 from ._base import Distiller, register_distiller
 from .DKD import dkd_warmup_factor
 from .KD import kd_loss
@@ -161,6 +161,11 @@ class ExpKD(Distiller):
                               f"normalisers), got {self.explainer!r}")
         if self.norm == "softmax" and self.temperature <= 0:
             raise ConfigError(f"config {key['T']}: {self.temperature}, expected > 0")
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            reason = supports(model, self.explainer, self.layer)
+            if reason is not None:
+                raise ConfigError(f"config {key['EXPLAINER']} {self.explainer!r} at {key['LAYER']} {self.layer!r}: "
+                                  f"the {role} cannot be explained: {reason}")
 
     def _recording(self, model: nn.Module):
         """A tape that keeps only what maps at the configured layer read (for the no_grad teacher, the difference
@@ -190,7 +195,7 @@ class ExpKD(Distiller):
         maps_student = self.explanation_maps(self.student, feats_student, tape_student, classes, create_graph=True)
         loss_exp = exp_loss(maps_student, maps_teacher, self.resolution, self.norm, self.temperature, self.distance)
         losses_dict = {
-            "loss_ce": self.ce_weight * F.cross_entropy(logits_student, target),
+            "loss_ce": self.ce_weight * self.ce_loss(logits_student, target),
             "loss_kd": self.kd_weight * kd_loss(logits_student, logits_teacher, self.kd_temperature),
             "loss_exp": self.exp_weight * dkd_warmup_factor(kwargs["epoch"], self.warmup) * loss_exp,
         }

@@ -42,7 +42,7 @@ class FitNet(Distiller):
             _, feature_teacher = self.teacher(image)
         f_s = self.conv_reg(feature_student["feats"][self.hint_layer])
         losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_ce": self.ce_loss_weight * self.ce_loss(logits_student, target),
             "loss_kd": self.feat_loss_weight * fitnet_loss(f_s, feature_teacher["feats"][self.hint_layer]),
         }
         return logits_student, losses_dict

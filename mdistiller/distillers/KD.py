@@ -26,7 +26,7 @@ class KD(Distiller):
         with torch.no_grad():
             logits_teacher, _ = self.teacher(image)
         losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_ce": self.ce_loss_weight * self.ce_loss(logits_student, target),
             "loss_kd": self.kd_loss_weight * kd_loss(logits_student, logits_teacher, self.temperature),
         }
         return logits_student, losses_dict

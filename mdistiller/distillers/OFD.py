@@ -130,7 +130,7 @@ class OFD(Distiller):
         with torch.no_grad():
             _, feature_teacher = self.teacher(image)
         losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_ce": self.ce_loss_weight * self.ce_loss(logits_student, target),
             "loss_kd": self.feat_loss_weight
             * self.ofd_loss(feature_student["preact_feats"][1:], feature_teacher["preact_feats"][1:]),
         }

@@ -71,7 +71,7 @@ class RKD(Distiller):
             self.angle_weight,
         )
         losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_ce": self.ce_loss_weight * self.ce_loss(logits_student, target),
             "loss_kd": self.feat_loss_weight * loss_rkd,
         }
         return logits_student, losses_dict

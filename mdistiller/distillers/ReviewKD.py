@@ -160,7 +160,7 @@ class ReviewKD(Distiller):
             results.insert(0, out_features)
         warmup = min(kwargs["epoch"] / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
         losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_ce": self.ce_loss_weight * self.ce_loss(logits_student, target),
             "loss_kd": self.reviewkd_loss_weight * warmup * hcl_loss(results, _teacher_entries(features_teacher)),
         }
         return logits_student, losses_dict

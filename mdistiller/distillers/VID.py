@@ -65,7 +65,7 @@ class VID(Distiller):
             )
         )
         losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_ce": self.ce_loss_weight * self.ce_loss(logits_student, target),
             "loss_kd": self.feat_loss_weight * loss_vid,
         }
         return logits_student, losses_dict

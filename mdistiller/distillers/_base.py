@@ -46,13 +46,22 @@ class StudentTraining(nn.Module):
     Class attributes are the facts about a method that the rest of the framework reads (never a list elsewhere):
     `config_node`/`config_defaults` (set by `register_distiller`), `needs_teacher`, `contrastive_batches` (the data
     set yields (image, target, index, contrastive_index), CRD) and `warmup_key` (the key of its config node that
-    holds warm-up epochs, scaled when a schedule is shortened)."""
+    holds warm-up epochs, scaled when a schedule is shortened).
+
+    `label_smoothing` (SOLVER.LABEL_SMOOTHING, set on the instance by the launcher: distillers never read the
+    solver's config) smooths the student's cross-entropy term, which every method computes with `ce_loss`."""
 
     config_node: Optional[str] = None
     config_defaults: Optional[dict] = None
     needs_teacher = True
     contrastive_batches = False
     warmup_key: Optional[str] = None
+    label_smoothing = 0.0
+
+    def ce_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The student's cross-entropy against the labels, smoothed by `label_smoothing` (docs/recipes.md); with 0
+        it is upstream's `F.cross_entropy(logits, target)` bit for bit."""
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
     def get_learnable_parameters(self) -> List[nn.Parameter]:
         return [param for param in self.student.parameters()]
@@ -115,7 +124,7 @@ class Vanilla(StudentTraining):
 
     def forward_train(self, image, target, **kwargs):
         logits_student, _ = self.student(image)
-        loss = F.cross_entropy(logits_student, target)
+        loss = self.ce_loss(logits_student, target)
         return logits_student, {"ce": loss}
 
 
@@ -138,7 +147,7 @@ class FeatureDistiller(Distiller):
         with torch.no_grad():
             _, feats_teacher = self.teacher(image)
         losses_dict = {
-            "loss_ce": self.ce_loss_weight * F.cross_entropy(logits_student, target),
+            "loss_ce": self.ce_loss_weight * self.ce_loss(logits_student, target),
             "loss_kd": self.feat_loss_weight * self.feature_loss(feats_student, feats_teacher),
         }
         return logits_student, losses_dict

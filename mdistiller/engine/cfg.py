@@ -38,6 +38,9 @@ CFG.DATASET.DOWNLOAD = False
 CFG.DATASET.NUM_WORKERS = 2
 CFG.DATASET.TRAIN_SUBSET = 0  # >0: train on this many training images (a fixed, seeded choice)
 CFG.DATASET.VALIDATION_FROM_TRAIN = 0  # >0: hold out this many training images and validate on them, not the test split
+CFG.DATASET.IMAGE_SIZE = 32  # "folder": the square input size (CIFAR-style augmentation up to 64, ImageNet-style above)
+CFG.DATASET.MEAN = []  # "folder": per-channel normalisation; [] uses ImageNet's statistics
+CFG.DATASET.STD = []
 CFG.DATASET.LOADER = "torch"  # "torch": DataLoader + PIL transforms; "device": CIFAR uint8 + aug on the train device
 CFG.DATASET.TEST = CN()
 CFG.DATASET.TEST.BATCH_SIZE = 64
@@ -59,7 +62,14 @@ CFG.SOLVER.LR_DECAY_STAGES = [150, 180, 210]
 CFG.SOLVER.LR_DECAY_RATE = 0.1
 CFG.SOLVER.WEIGHT_DECAY = 0.0001
 CFG.SOLVER.MOMENTUM = 0.9
-CFG.SOLVER.TYPE = "SGD"
+CFG.SOLVER.TYPE = "SGD"  # "SGD" (upstream) or "AdamW" (betas 0.9, 0.999; MOMENTUM unused)
+# Recipes (docs/recipes.md); these defaults train exactly as upstream.
+CFG.SOLVER.SCHEDULER = "step"  # "step": LR_DECAY_STAGES/RATE (upstream); "cosine": anneal to MIN_LR after warm-up
+CFG.SOLVER.MIN_LR = 0.0  # "cosine": the LR the cosine anneals towards
+CFG.SOLVER.WARMUP_EPOCHS = 0  # W > 0: epoch e <= W trains at the scheduled LR times e/W (either scheduler)
+CFG.SOLVER.LABEL_SMOOTHING = 0.0  # epsilon of the student's cross-entropy term (loss_ce) of every distiller
+CFG.SOLVER.CLIP_GRAD = 0.0  # > 0: clip the total gradient norm of the learnable parameters to it before each step
+CFG.SOLVER.EMA_DECAY = 0.0  # > 0: also train, validate and save an exponential moving average of the student
 # Speed (docs/reliability.md). BATCH_SIZE is the global batch: under torchrun each of WORLD_SIZE ranks takes
 # BATCH_SIZE/WORLD_SIZE.
 CFG.SOLVER.SYNC_BN = False  # DDP only: student BatchNorm statistics over the global batch

@@ -8,7 +8,7 @@ Formats (file names have no extension, as upstream):
 import os
 import pickle
 import tempfile
-from typing import Dict, Mapping
+from typing import Any, BinaryIO, Callable, Dict, Mapping
 
 import torch
 import torch.nn as nn
@@ -22,14 +22,19 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(obj, path: str) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`: a kill leaves either the
-    old file or the new one, never a truncated one."""
+    """`torch.save` through `atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f), "checkpoint")
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], Any], what: str = "file") -> None:
+    """`write(f)` into a temporary file in the same directory, fsync, then rename over `path`: a kill leaves either
+    the old file or the new one, never a truncated one."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp_path = None
     try:
         fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -38,7 +43,7 @@ def save_checkpoint(obj, path: str) -> None:
             os.unlink(tmp_path)
         if isinstance(error, OSError):  # disk full, read-only or vanished directory: the old file is untouched
             kept = "the previous file is unchanged" if os.path.exists(path) else "no previous file"
-            raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error} ({kept})") from None
+            raise CheckpointError(f"cannot write {what} {path}: {error.strerror or error} ({kept})") from None
         raise
     if hasattr(os, "O_DIRECTORY"):
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

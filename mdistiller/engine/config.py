@@ -6,7 +6,9 @@ yacs: strings are `literal_eval`-ed, types must match the default (list <-> tupl
 only extension, an int is accepted where the default is a float (`LR: 1`).
 """
 import difflib
+import hashlib
 import os
+import re
 from typing import Any, List, Optional, Sequence, Tuple
 
 import yaml
@@ -141,16 +143,33 @@ def load_cfg(path: Optional[str], opts: Sequence[str] = (), freeze: bool = True)
     return cfg
 
 
+# A run directory name keeps upstream's readable `NAME` + `KEY:VALUE,...` when it is safe; otherwise (a value with
+# a path separator or other odd characters, or a name longer than MAX_NAME bytes) it is cut and gets a hash.
+MAX_NAME = 120
+SAFE_NAME = re.compile(r"[A-Za-z0-9._,:=+@%-]")
+
+
+def safe_component(name: str, max_bytes: int = MAX_NAME) -> str:
+    """One path component (never a nested folder, never '.' or '..', at most `max_bytes` bytes) that keeps `name`
+    readable and is unique to it: unsafe characters become '_' and then a 10-digit hash of `name` is appended."""
+    cleaned = "".join(ch if SAFE_NAME.fullmatch(ch) else "_" for ch in name)
+    if cleaned == name and name not in ("", ".", "..") and len(name.encode()) <= max_bytes:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"{cleaned[: max_bytes - len(digest) - 1].rstrip('.')}-{digest}"
+
+
 def experiment_name(cfg: CfgNode, opts: Sequence[str] = ()) -> Tuple[str, List[str]]:
     """Upstream's rule: NAME or TAG, then each override as `KEY:VALUE` (comma-joined, appended with no separator),
-    under PROJECT. Returns (PROJECT/name, wandb tags). The run directory is LOG.PREFIX/PROJECT/name."""
+    under PROJECT, made one safe path component (`safe_component`). Returns (PROJECT/name, wandb tags). The run
+    directory is LOG.PREFIX/PROJECT/name; the full overrides are in its config.yaml and results.json."""
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
     tags = cfg.EXPERIMENT.TAG.split(",")
     if opts:
         extra = ["{}:{}".format(k, v) for k, v in zip(opts[::2], opts[1::2])]
         tags += extra
         name += ",".join(extra)
-    return os.path.join(cfg.EXPERIMENT.PROJECT, name), tags
+    return os.path.join(cfg.EXPERIMENT.PROJECT, safe_component(name)), tags
 
 
 class _PlainDumper(yaml.SafeDumper):

@@ -11,7 +11,8 @@ from .trainer import BaseTrainer, TrainMeters, register_trainer
 @register_trainer("dot")
 class DOT(BaseTrainer):
     """Distillation-oriented trainer: the distillation gradient gets momentum MOMENTUM + DOT.DELTA and the task
-    gradient MOMENTUM − DOT.DELTA (one parameter group; the distiller must return exactly loss_ce and loss_kd)."""
+    gradient MOMENTUM − DOT.DELTA (one parameter group; the distiller must return exactly loss_ce and loss_kd).
+    SOLVER.CLIP_GRAD clips the distillation and the task gradient separately (docs/recipes.md)."""
 
     def init_optimizer(self, cfg) -> torch.optim.Optimizer:
         if cfg.SOLVER.TYPE != "SGD":
@@ -36,9 +37,11 @@ class DOT(BaseTrainer):
         loss_ce, loss_kd = losses_dict["loss_ce"].mean(), losses_dict["loss_kd"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss_kd.backward(retain_graph=True)
+        self.precision.clip_gradients(self.optimizer)  # SOLVER.CLIP_GRAD: each of the two gradients on its own
         self.optimizer.step_kd()
         self.optimizer.zero_grad(set_to_none=True)
         loss_ce.backward()
+        self.precision.clip_gradients(self.optimizer)
         self.optimizer.step()
         train_meters.update(preds, target, loss_ce.detach() + loss_kd.detach(), losses_dict)
 

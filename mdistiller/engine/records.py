@@ -19,6 +19,7 @@ from .checkpoint import atomic_write
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.csv"
+EXPLAIN_FILE = "explain.json"  # the student's explanation metrics, written by tools/explain_eval.py runs
 RECORD_VERSION = 1
 
 # Keys that do not change what is trained: the seed (runs that differ only in it form one group), names, logging,
@@ -77,14 +78,19 @@ def versions() -> Dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "mdistiller": __version__}
 
 
-def read_results(run_dir: str) -> Optional[Dict[str, Any]]:
-    """The run's results.json, or None when there is none (or it cannot be read)."""
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+    """The JSON object in `path`, or None when there is none (or it cannot be read)."""
     try:
-        with open(os.path.join(run_dir, RESULTS_FILE)) as f:
+        with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_results(run_dir: str) -> Optional[Dict[str, Any]]:
+    """The run's results.json, or None when there is none (or it cannot be read)."""
+    return read_json(os.path.join(run_dir, RESULTS_FILE))
 
 
 def read_metrics(run_dir: str) -> List[Dict[str, str]]:

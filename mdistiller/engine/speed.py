@@ -26,12 +26,14 @@ def amp_dtype(cfg, device: torch.device):
 
 
 class StepPrecision:
-    """Autocast context and the backward/step pair for SOLVER.AMP (a GradScaler for fp16)."""
+    """Autocast context and the backward/step pair for SOLVER.AMP (a GradScaler for fp16), with SOLVER.CLIP_GRAD's
+    gradient clipping between them (docs/recipes.md)."""
 
     def __init__(self, cfg, device: torch.device):
         self.device = device
         self.dtype = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.clip_grad = float(cfg.SOLVER.CLIP_GRAD)
 
     @property
     def enabled(self) -> bool:
@@ -42,12 +44,23 @@ class StepPrecision:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def clip_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """With CLIP_GRAD > 0, scale the gradients of the optimizer's parameters so that their total L2 norm is at
+        most CLIP_GRAD (no host sync). The gradients must be unscaled already."""
+        if self.clip_grad > 0:
+            params = [param for group in optimizer.param_groups for param in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+
     def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is None:
             loss.backward()
+            self.clip_gradients(optimizer)
             optimizer.step()
             return
         self.scaler.scale(loss).backward()
+        if self.clip_grad > 0:
+            self.scaler.unscale_(optimizer)  # clip the true gradients; `step` then skips a step with inf/NaN ones
+            self.clip_gradients(optimizer)
         self.scaler.step(optimizer)
         self.scaler.update()
 

@@ -6,7 +6,7 @@ Subclasses (CRD, DOT) override `unpack_batch` (what a training batch holds and w
 import os
 import time
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,10 +15,11 @@ from tensorboardX import SummaryWriter
 from ..dataset import batches
 from ..errors import ConfigError
 from ..registry import Registry
-from . import distributed, speed
+from . import distributed, recipes, speed
 from .checkpoint import CheckpointError, add_prefix, load_checkpoint, load_weights, save_checkpoint, strip_prefix
 from .config import dump_cfg
 from .lock import RunLock
+from .records import RunRecord, flatten
 from .rng import capture_rng_state, restore_rng_state
 from .signals import GracefulStop
 from .utils import REFRESH_SECONDS, adjust_learning_rate, correct_counts, log_msg, progress_bar, validate
@@ -59,6 +60,7 @@ class TrainMeters:
         self.first_bad_step: Optional[torch.Tensor] = None
         self.first_bad_value: Optional[torch.Tensor] = None
         self.last_terms: Optional[torch.Tensor] = None  # the loss terms of the latest step, on the device
+        self.term_sums: Optional[torch.Tensor] = None  # per loss term: Σ value·batch size
         self.start = time.monotonic()
 
     def update(
@@ -71,6 +73,8 @@ class TrainMeters:
         self.sums += torch.cat([(loss.detach() * batch_size).reshape(1), correct]).double()
         terms = torch.stack([value.detach().float().mean() for value in losses_dict.values()])
         self.last_terms = terms
+        weighted = terms.double() * batch_size
+        self.term_sums = weighted if self.term_sums is None else self.term_sums + weighted
         if self.first_bad_step is None:
             self.names = list(losses_dict)
             self.first_bad_step = torch.zeros(len(self.names), dtype=torch.long, device=terms.device)
@@ -79,8 +83,9 @@ class TrainMeters:
         self.first_bad_step = torch.where(new_bad, self.steps, self.first_bad_step)
         self.first_bad_value = torch.where(new_bad, terms, self.first_bad_value)
 
-    def summary(self) -> Dict[str, float]:
-        """Averages so far (one host sync); raises NonFiniteLossError naming step and term of the first NaN/inf."""
+    def summary(self) -> Dict[str, Any]:
+        """Averages so far (one host sync): loss, top1, top5, img_per_s, seconds, and `terms` (each loss term by name);
+        raises NonFiniteLossError naming step and term of the first NaN/inf."""
         loss_sum, correct1, correct5 = self.sums.tolist()
         if self.first_bad_step is not None:
             bad = [(step, name, value) for step, name, value in
@@ -90,7 +95,9 @@ class TrainMeters:
                 raise NonFiniteLossError(f"step {step}: loss term '{name}' is {value}")
         count = max(self.count, 1)
         elapsed = max(time.monotonic() - self.start, 1e-9)
+        terms = [] if self.term_sums is None else self.term_sums.tolist()
         return {
+            "terms": {name: value / count for name, value in zip(self.names, terms)},
             "loss": loss_sum / count,
             "top1": 100.0 * correct1 / count,
             "top5": 100.0 * correct5 / count,
@@ -105,7 +112,8 @@ def _format_seconds(seconds: float) -> str:
 
 
 def start_wandb(cfg, experiment_name: str, tags: Sequence[str], log_dir: str):
-    """A wandb run when LOG.WANDB is on; falls back to offline logging (then to none) instead of crashing."""
+    """A wandb run (with the merged config) when LOG.WANDB is on; falls back to offline logging (then to none)
+    instead of crashing."""
     if not cfg.LOG.WANDB:
         return None
     try:
@@ -113,7 +121,8 @@ def start_wandb(cfg, experiment_name: str, tags: Sequence[str], log_dir: str):
     except ImportError:
         print(log_msg("LOG.WANDB is True but wandb is not installed; continuing without wandb", "INFO"))
         return None
-    kwargs = dict(project=cfg.EXPERIMENT.PROJECT, name=experiment_name, tags=list(tags), dir=log_dir)
+    kwargs = dict(project=cfg.EXPERIMENT.PROJECT, name=experiment_name, tags=list(tags), dir=log_dir,
+                  config=flatten(cfg))
     try:
         return wandb.init(**kwargs)
     except Exception as error:  # no network, no login, server error: never lose the training run over it
@@ -129,15 +138,24 @@ def start_wandb(cfg, experiment_name: str, tags: Sequence[str], log_dir: str):
 
 @register_trainer("base")
 class BaseTrainer:
-    """SGD over `distiller.get_learnable_parameters()`, step LR schedule, per-epoch validation, logs, checkpoints.
+    """SGD over `distiller.get_learnable_parameters()`, step LR schedule, per-epoch validation, logs, checkpoints,
+    run records (results.json, metrics.csv: docs/records.md).
 
+    The run directory is LOG.PREFIX/`experiment_name` (upstream's rule) unless `run_dir` is given. `overrides` (the
+    command line's KEY VALUE list) and `teacher_ckpt` (the teacher file used) go into results.json.
     `contrastive_batches`: whether `unpack_batch` reads CRD's (image, target, index, contrastive_index) batches; a
     distiller and a trainer must agree on it."""
 
     contrastive_batches = False
+    # recipe state (docs/recipes.md), set by __init__; the class defaults (all off) serve trainers assembled
+    # piecewise without __init__ (tests, benchmarks)
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+    ema: Optional[nn.Module] = None
+    ema_acc = ema_best_acc = -1.0
 
     def __init__(
-        self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg, tags: Sequence[str] = ()
+        self, experiment_name: str, distiller: nn.Module, train_loader, val_loader, cfg, tags: Sequence[str] = (),
+        run_dir: Optional[str] = None, overrides: Sequence[str] = (), teacher_ckpt: str = "",
     ):
         self.cfg = cfg
         self.main = distributed.is_main()  # only rank 0 writes logs and checkpoints under torchrun
@@ -147,13 +165,18 @@ class BaseTrainer:
         self.device = next(distiller.parameters()).device
         self.precision = speed.StepPrecision(cfg, self.device)
         self.optimizer = self.init_optimizer(cfg)
+        self.scheduler = recipes.build_scheduler(cfg, self.optimizer)  # None: upstream's `adjust_learning_rate`
+        self.ema = recipes.build_ema(cfg, self.distiller.student)
+        if self.ema is not None:  # after every optimizer step that happens (a GradScaler may skip one)
+            self.optimizer.register_step_post_hook(lambda *_: self.ema.update_parameters(self.distiller.student))
         self.best_acc = -1.0
         self.best_epoch = 0
         self.last_acc = -1.0
-        self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
+        self.log_path = run_dir or os.path.join(cfg.LOG.PREFIX, experiment_name)
         os.makedirs(self.log_path, exist_ok=True)
         self.run_lock = RunLock(self.log_path) if self.main else distributed.NoOpWriter()  # before any write into it
         self.stop = GracefulStop()
+        self.record = RunRecord(self.log_path, cfg, overrides, teacher_ckpt) if self.main else None
         if self.main:
             dump_cfg(cfg, os.path.join(self.log_path, "config.yaml"))
         events = os.path.join(self.log_path, "train.events")
@@ -161,8 +184,13 @@ class BaseTrainer:
         self.wandb = start_wandb(cfg, experiment_name, tags, self.log_path) if self.main else None
 
     def init_optimizer(self, cfg) -> torch.optim.Optimizer:
+        """SOLVER.TYPE over the learnable parameters: upstream's SGD with momentum, or AdamW (docs/recipes.md)."""
+        if cfg.SOLVER.TYPE == "AdamW":
+            return torch.optim.AdamW(self.distiller.get_learnable_parameters(), lr=cfg.SOLVER.LR,
+                                     weight_decay=cfg.SOLVER.WEIGHT_DECAY, betas=(0.9, 0.999))
         if cfg.SOLVER.TYPE != "SGD":
-            raise ConfigError(f"SOLVER.TYPE = {cfg.SOLVER.TYPE!r} is not supported; expected 'SGD'")
+            raise ConfigError(f"SOLVER.TYPE = {cfg.SOLVER.TYPE!r} is not supported; expected one of "
+                              f"{', '.join(map(repr, recipes.OPTIMIZERS))}")
         return torch.optim.SGD(
             self.distiller.get_learnable_parameters(),
             lr=cfg.SOLVER.LR,
@@ -215,6 +243,11 @@ class BaseTrainer:
         }
         if self.precision.scaler is not None:
             state["grad_scaler"] = self.precision.scaler.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+            state["ema_best_acc"] = self.ema_best_acc
         return state
 
     def save_checkpoints(self, epoch: int, test_acc: float) -> None:
@@ -228,6 +261,11 @@ class BaseTrainer:
         if test_acc >= self.best_acc:
             save_checkpoint(state, os.path.join(self.log_path, "best"))
             save_checkpoint(student_state, os.path.join(self.log_path, "student_best"))
+        if self.ema is not None:  # student files, loadable as any student_* (docs/recipes.md)
+            ema_state = {"model": self.ema.module.state_dict()}
+            if self.ema_acc >= self.ema_best_acc:
+                save_checkpoint(ema_state, os.path.join(self.log_path, "student_ema_best"))
+            save_checkpoint(ema_state, os.path.join(self.log_path, "student_ema_latest"))
         save_checkpoint(student_state, os.path.join(self.log_path, "student_latest"))
         # `latest` last: it is what --resume reads, so once it says epoch N every other file of epoch N is written
         # (a kill before it makes --resume redo epoch N, rewriting the same files)
@@ -248,6 +286,7 @@ class BaseTrainer:
             raise CheckpointError(f"{path}: optimizer state does not match this config: {error}") from None
         if self.precision.scaler is not None and state.get("grad_scaler"):
             self.precision.scaler.load_state_dict(state["grad_scaler"])
+        self.restore_recipes(state, path)
         self.best_acc = float(state.get("best_acc", -1.0))
         self.best_epoch = int(state.get("best_epoch", 0))
         self.last_acc = float(state.get("last_acc", -1.0))
@@ -259,12 +298,29 @@ class BaseTrainer:
             print(log_msg(f"resuming {path}: {warning}; not bit-identical to an uninterrupted run", "INFO"))
         return int(state["epoch"]) + 1
 
+    def restore_recipes(self, state: Dict, path: str) -> None:
+        """The LR scheduler's and the EMA's state (docs/recipes.md). A checkpoint that lacks the state this config
+        needs, or holds state it does not use, was written with other SOLVER settings."""
+        for key, owner, keys in (("scheduler", self.scheduler, "SOLVER.SCHEDULER/WARMUP_EPOCHS"),
+                                 ("ema", self.ema, "SOLVER.EMA_DECAY")):
+            if owner is not None and key not in state:
+                raise CheckpointError(f"{path}: this config's {keys} needs the {key} state, which the checkpoint "
+                                      "lacks; resume with the run's config.yaml")
+            if owner is None and key in state:
+                raise CheckpointError(f"{path}: the checkpoint holds {key} state, which this config's {keys} does "
+                                      "not use; resume with the run's config.yaml")
+            if owner is not None:
+                owner.load_state_dict(state[key])
+        self.ema_best_acc = float(state.get("ema_best_acc", -1.0))
+
     # ------------------------------------------------------------------ training
     def train(self, resume: bool = False) -> Tuple[float, float]:
         """Run (or continue) training; returns (best, last) validation top-1."""
         self.stop.install()
         try:
             epoch = self.resume() if resume else 1
+            if self.record is not None:
+                self.record.start(epoch)
             while epoch < self.cfg.SOLVER.EPOCHS + 1:
                 self.stop.check(epoch, 0, os.path.join(self.log_path, "latest"))
                 self.train_epoch(epoch)
@@ -280,13 +336,28 @@ class BaseTrainer:
                 # upstream ends the file with `best_acc\t..` (no newline); the last accuracy goes just before it
                 writer.write("last_acc\t{:.2f}".format(self.last_acc) + os.linesep)
                 writer.write("best_acc\t{:.2f}".format(float(self.best_acc)))
+            self.record.finish()
         if self.wandb is not None:
             self.wandb.summary["last_acc"] = self.last_acc
             self.wandb.finish()
         return self.best_acc, self.last_acc
 
+    def epoch_lr(self, epoch: int) -> float:
+        """The LR of the 1-based `epoch`, set in the optimizer: upstream's step decay, or the scheduler's value (it is
+        stepped after each epoch, so a resumed run continues it; docs/recipes.md)."""
+        if self.scheduler is None:
+            return adjust_learning_rate(epoch, self.cfg, self.optimizer)
+        return self.scheduler.get_last_lr()[0]
+
+    def validate_ema(self) -> Dict[str, float]:
+        """ema_test_acc, ema_test_acc_top5 and ema_test_loss of the EMA student; tracks its best accuracy."""
+        metrics = recipes.validate_student(self.val_loader, self.ema.module, "ema")
+        self.ema_acc = metrics["ema_test_acc"]
+        self.ema_best_acc = max(self.ema_best_acc, self.ema_acc)
+        return metrics
+
     def train_epoch(self, epoch: int) -> None:
-        lr = adjust_learning_rate(epoch, self.cfg, self.optimizer)
+        lr = self.epoch_lr(epoch)
         meters = TrainMeters(self.device)
         pbar = progress_bar(len(self.train_loader))
         last_refresh = time.monotonic()
@@ -315,6 +386,8 @@ class BaseTrainer:
             raise NonFiniteLossError(f"non-finite value at epoch {epoch}, {error}; stopping ({kept})") from None
         finally:
             pbar.close()
+        if self.scheduler is not None:
+            self.scheduler.step()  # to the next epoch's LR, which `latest` then carries
         test_acc, test_acc_top5, test_loss = validate(self.val_loader, self.distiller)
         log_dict = OrderedDict(
             train_acc=stats["top1"],
@@ -323,8 +396,11 @@ class BaseTrainer:
             test_acc_top5=test_acc_top5,
             test_loss=test_loss,
         )
+        if self.ema is not None:
+            log_dict.update(self.validate_ema())
         self.log(lr, epoch, log_dict)
         self.save_checkpoints(epoch, test_acc)
+        self.record_epoch(epoch, lr, stats, log_dict, time.monotonic() - meters.start)
         eta = (self.cfg.SOLVER.EPOCHS - epoch) * (time.monotonic() - meters.start)
         print(log_msg(
             "Epoch:{}/{}| lr:{:g}| Loss:{:.4f}| Top-1:{:.3f}| img/s:{:.0f}| "
@@ -332,6 +408,22 @@ class BaseTrainer:
                 epoch, self.cfg.SOLVER.EPOCHS, lr, stats["loss"], stats["top1"], stats["img_per_s"], test_acc,
                 test_acc_top5, test_loss, self.best_acc, _format_seconds(stats["seconds"]), _format_seconds(eta)),
             "TRAIN"), flush=True)
+
+    def record_epoch(self, epoch: int, lr: float, stats: Dict[str, Any], log_dict: Dict[str, float],
+                     seconds: float) -> None:
+        """metrics.csv row and results.json after the epoch's checkpoints; each loss term and the LR to TensorBoard."""
+        if not self.main:
+            return
+        terms = stats["terms"]
+        for name, value in terms.items():
+            self.tf_writer.add_scalar(f"train/{name}", value, epoch)
+        self.tf_writer.add_scalar("train/lr", lr, epoch)
+        self.tf_writer.flush()
+        row = {"epoch": epoch, "lr": lr, "train_loss": stats["loss"], **terms, "train_acc": stats["top1"],
+               "train_acc_top5": stats["top5"]}
+        row.update((key, value) for key, value in log_dict.items() if key not in ("train_acc", "train_loss"))
+        row.update(train_img_per_s=stats["img_per_s"], epoch_time_s=seconds)
+        self.record.epoch_end(row, self.best_acc, self.best_epoch, self.last_acc)
 
     def unpack_batch(self, data) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """(image, target, extra `forward_train` kwargs). Base batches are (image, target[, index])."""
