@@ -8,8 +8,23 @@ from torchvision.datasets import ImageFolder
 
 from mdistiller.dataset.shapes import SHAPE_CLASSES, ShapesDataset, make_shape_sample
 from mdistiller.explain.agreement import map_agreement
-from mdistiller.explain.metrics import perturbation_auc, segmentation_scores
-from mdistiller.explain.perturbation import perturbation_hits, perturbation_test, pixel_order, remove_pixels
+from mdistiller.explain.metrics import (
+    PERTURBATION_FRACTIONS,
+    SegmentationMeter,
+    bootstrap_interval,
+    mean_interval,
+    perturbation_auc,
+    segmentation_scores,
+)
+from mdistiller.explain.perturbation import (
+    TIES,
+    image_seeds,
+    perturbation_hits,
+    perturbation_test,
+    pixel_order,
+    remove_pixels,
+    removed_indices,
+)
 from mdistiller.explain.segmentation import GtSegsDataset
 from mdistiller.launch.eval_common import write_shapes_gtsegs
 
@@ -86,6 +101,29 @@ def test_segmentation_accumulates_over_dataset():
     assert abs(whole["miou"] - np.mean([s["miou"] for s in single])) > 1e-3
 
 
+def test_segmentation_per_image_scores_and_intervals():
+    rng = np.random.default_rng(1)
+    maps = rng.uniform(size=(12, 16, 16))
+    masks = (rng.uniform(size=(12, 16, 16)) < np.linspace(0.1, 0.6, 12)[:, None, None]).astype(np.int64)
+    meter = SegmentationMeter()
+    for r, m in zip(maps, masks):
+        meter.update(r, m)
+    scores, rows, u = meter.result(), meter.per_image(), meter.uncertainty(seed=3)
+    assert all(v.shape == (12,) for v in rows.values())
+    for k in ("map", "f1"):  # means over images: the aggregate is the mean of the rows, normal interval
+        assert scores[k] == pytest.approx(rows[k].mean())
+        assert u[k]["interval"].startswith("normal") and u[k]["std"] == pytest.approx(np.std(rows[k], ddof=1))
+    one = [segmentation_scores(maps[i : i + 1], masks[i : i + 1]) for i in range(12)]
+    assert rows["miou"] == pytest.approx([o["miou"] for o in one])
+    for k in ("pixel_accuracy", "miou", "iou_fg"):  # accumulated over the data set: seeded bootstrap
+        low, high = u[k]["ci95"]
+        assert u[k]["interval"].startswith("bootstrap") and low <= scores[k] <= high and high - low > 0
+    assert meter.uncertainty(seed=3) == u and meter.uncertainty(seed=4)["miou"] != u["miou"]
+    assert bootstrap_interval(lambda c: c.sum(1), 1) is None
+    single = mean_interval([0.5])
+    assert single["mean"] == 0.5 and single["std"] is None and single["ci95"] is None
+
+
 def test_segmentation_constant_map_and_bad_input():
     mask = np.zeros((1, 8, 8), dtype=np.int64)
     mask[0, :4] = 1
@@ -159,14 +197,16 @@ def test_positive_vs_negative_and_true_vs_random():
     pos_rand = _auc(model, images, labels, random_maps, False)
     assert pos_true < pos_rand - 10  # the true ordering destroys the evidence fastest
     assert neg_true > pos_true + 30
-    # the negative test on m is exactly the positive test on -m
-    for maps in (true_maps, random_maps):
-        neg = perturbation_hits(model, images, labels, maps, lambda x: x, negative=True)
-        pos_of_neg = perturbation_hits(model, images, labels, -maps, lambda x: x, negative=False)
-        assert torch.equal(neg, pos_of_neg)
+    # the negative test on m is exactly the positive test on -m, in every tie mode (also on plateaus)
+    plateau = _plateau_maps(b=images.shape[0])
+    for maps in (true_maps, random_maps, plateau):
+        for ties in TIES:
+            neg = perturbation_hits(model, images, labels, maps, lambda x: x, negative=True, ties=ties)
+            pos_of_neg = perturbation_hits(model, images, labels, -maps, lambda x: x, negative=False, ties=ties)
+            assert torch.equal(neg, pos_of_neg), ties
 
 
-def test_perturbation_test_loader_and_cached_maps():
+def test_perturbation_test_per_image_records():
     model, images, labels, true_maps = _evidence_setup()
     loader = [(images[:16], labels[:16]), (images[16:], labels[16:])]
     calls = []
@@ -178,10 +218,111 @@ def test_perturbation_test_loader_and_cached_maps():
     res = perturbation_test(model, loader, map_fn, lambda x: x)
     assert res["num_images"] == 32 and len(calls) == 2
     assert res["auc"] == pytest.approx(perturbation_auc(res["accuracies"]))
-    again = perturbation_test(model, loader, None, lambda x: x, maps=res["maps"])
-    assert again["accuracies"] == res["accuracies"] and len(calls) == 2
+    rows = res["per_image"]
+    assert rows["hits"].shape == (32, 10) and rows["index"].tolist() == list(range(32))
+    assert np.allclose(rows["hits"].mean(0), res["accuracies"])  # aggregates are the means of the rows
+    assert rows["auc"].mean() == pytest.approx(res["auc"])  # the area is linear: mean of per-image AUCs
+    assert res["clean_accuracy"] == res["accuracies"][0] == float((rows["pred"] == rows["label"]).mean())
+    u = res["uncertainty"]["auc"]
+    assert u["std"] == pytest.approx(np.std(rows["auc"], ddof=1))
+    assert u["ci95"] == pytest.approx([res["auc"] - 1.96 * u["std"] / np.sqrt(32),
+                                       res["auc"] + 1.96 * u["std"] / np.sqrt(32)], abs=1e-3)
     with pytest.raises(ValueError, match="target"):
         perturbation_test(model, loader, map_fn, lambda x: x, target="gt")
+    with pytest.raises(ValueError, match="ties"):
+        perturbation_test(model, loader, map_fn, lambda x: x, ties="stable")
+
+
+# ---------------------------------------------------------------------------------------------------- ties
+
+
+def _plateau_maps(b=3, size=16, distinct=20, seed=0):
+    """ReLU'd-CAM-like maps: `distinct` pixels with distinct positive values, the rest a zero plateau."""
+    gen = torch.Generator().manual_seed(seed)
+    maps = torch.zeros(b, size * size)
+    for i in range(b):
+        where = torch.randperm(size * size, generator=gen)[:distinct]
+        maps[i, where] = torch.rand(distinct, generator=gen) + 0.1
+    return maps.view(b, size, size)
+
+
+def _reference_hits(model, images, labels, maps, negative):
+    """The reference's loop (docs/evaluation.md): vis = -vis for the negative test, torch.topk per step, zeroing."""
+    vis = (-maps if negative else maps).reshape(images.shape[0], -1)
+    hits = []
+    for p in PERTURBATION_FRACTIONS:
+        _, idx = torch.topk(vis, int(images.shape[-1] * images.shape[-2] * p), dim=-1)
+        data = images.clone().reshape(images.shape[0], images.shape[1], -1)
+        data = data.scatter_(-1, idx.unsqueeze(1).repeat(1, images.shape[1], 1), 0).reshape(images.shape)
+        hits.append(model(data)[0].argmax(1) == labels)
+    return torch.stack(hits)
+
+
+def test_tie_modes_differ_only_on_the_plateau():
+    maps = _plateau_maps()
+    flat = maps.reshape(3, -1)
+    k = int(256 * 0.3)  # 76: the 20 distinct pixels, then 56 from the plateau
+    sets = {t: removed_indices(maps, 0.3, ties=t) for t in TIES}
+    for t, idx in sets.items():
+        assert idx.shape == (3, k)
+        assert (flat.gather(1, idx[:, :20]) > 0).all(), t  # every mode removes the relevant pixels first
+        assert (flat.gather(1, idx[:, 20:]) == 0).all(), t
+    raster_plateau = sets["raster"][:, 20:]
+    assert (raster_plateau.diff(dim=1) > 0).all()  # raster: the plateau in pixel-index order (top rows first)
+    for t in ("random", "topk"):
+        for b in range(3):
+            assert set(sets[t][b, 20:].tolist()) != set(raster_plateau[b].tolist()), t
+    # with no ties the three modes remove the same sets
+    distinct = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(5))
+    for p in PERTURBATION_FRACTIONS:
+        ref = set(map(tuple, removed_indices(distinct, p, ties="raster").sort(1).values.tolist()))
+        for t in ("random", "topk"):
+            assert set(map(tuple, removed_indices(distinct, p, ties=t).sort(1).values.tolist())) == ref
+
+
+def test_topk_ties_are_the_references_call():
+    maps = _plateau_maps(b=4)
+    for negative in (False, True):
+        vis = (-maps if negative else maps).reshape(4, -1)
+        for p in PERTURBATION_FRACTIONS:
+            expected = torch.topk(vis, int(256 * p), dim=-1).indices
+            assert torch.equal(removed_indices(maps, p, negative, ties="topk"), expected)
+    model, images, labels, _ = _evidence_setup(n=4, size=16)
+    for negative in (False, True):
+        ours = perturbation_hits(model, images, labels, maps, lambda x: x, negative=negative, ties="topk")
+        assert torch.equal(ours, _reference_hits(model, images, labels, maps, negative))
+
+
+def test_random_ties_are_seeded_per_image_and_unbiased():
+    maps = _plateau_maps(b=4)
+    a = pixel_order(maps, ties="random", seeds=[7, 8, 9, 10])
+    assert torch.equal(a, pixel_order(maps, ties="random", seeds=[7, 8, 9, 10]))  # reproducible
+    assert not torch.equal(a, pixel_order(maps, ties="random", seeds=[1, 2, 3, 4]))
+    assert torch.equal(a[2:], pixel_order(maps[2:], ties="random", seeds=[9, 10]))  # independent of the batch
+    by_run_seed = [pixel_order(maps, ties="random", seeds=image_seeds(s, range(4))) for s in (0, 1)]
+    assert (by_run_seed[0] != by_run_seed[1]).any(1).all()  # the run's seed changes every image's tie order
+    assert torch.equal(a.sort(1).values, torch.arange(256).expand(4, 256))  # a permutation
+    assert (maps.reshape(4, -1).gather(1, a)[:, :20] > 0).all()  # ranking kept, only ties shuffled
+    # a map that is one plateau: random removes uniformly over the image, raster from the top rows down
+    flat_maps = torch.zeros(64, 32, 32)
+    seeds = image_seeds(0, range(64))
+    rows = {t: (removed_indices(flat_maps, 0.1, ties=t, seeds=seeds) // 32).float() for t in ("random", "raster")}
+    assert abs(rows["random"].mean().item() - 15.5) < 1.0
+    assert rows["raster"].max().item() <= 3
+    assert rows["random"].min().item() == 0 and rows["random"].max().item() == 31
+
+
+def test_random_ties_do_not_depend_on_the_batch_size():
+    model, images, labels, _ = _evidence_setup(n=12, size=16)
+    maps = _plateau_maps(b=12, distinct=60)
+
+    def run(bs, seed=0):
+        loader = [(images[i : i + bs], labels[i : i + bs]) for i in range(0, 12, bs)]
+        starts = iter(range(0, 12, bs))
+        return perturbation_test(model, loader, lambda x, c: maps[next(starts):][: x.shape[0]], lambda x: x,
+                                 seed=seed)["per_image"]["hits"]
+
+    assert np.array_equal(run(3), run(12))  # the tie order depends on (seed, image index), not on the batch
 
 
 # ---------------------------------------------------------------------------------------------------- agreement

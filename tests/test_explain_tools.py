@@ -1,4 +1,5 @@
 """tools/explain_eval.py and tools/visualize.py end to end on generated shapes data with tiny random models."""
+import csv
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import torch
 
 from mdistiller.engine.checkpoint import CheckpointError
 from mdistiller.errors import ConfigError
+from mdistiller.explain import explain
 from mdistiller.explain.metrics import perturbation_auc
 from mdistiller.launch import eval_common
 from mdistiller.launch.build import load_model
@@ -213,3 +215,197 @@ def test_layer_defaults_per_method(ev):
         "gap", "gap", "input", "input"]
     assert eval_common.resolve_layer("lrp", 2) == 2 and ev.build_parser().parse_args(
         ["perturbation", "-m", "resnet8", "--layer", "1"]).layer == 1
+
+
+# ---------------------------------------------------------------------------------------------------- records, options
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_per_image_records_match_the_aggregates(ev, ckpts, tmp_path):
+    out = str(tmp_path / "out")
+    common = ["-d", "shapes", "--num-images", "10", "-bs", "4", "--out", out]
+    pert = ev.run(["perturbation", "-m", "resnet8", "-c", ckpts["a"], "-m", "resnet8", "-c", ckpts["b"],
+                   "--labels", "A", "B", "--method", "gradcam", *common])
+    rows = _csv(os.path.join(out, "perturbation_shapes_gradcam_positive.csv"))
+    for r in pert["results"]:
+        mine = [row for row in rows if row["model"] == r["label"]]
+        assert [int(row["image"]) for row in mine] == list(range(10))  # one row per image
+        for f, acc in zip(r["fractions"], r["accuracies"]):
+            assert np.mean([int(row[f"correct_at_{round(100 * f)}"]) for row in mine]) == pytest.approx(acc)
+        aucs = [float(row["auc"]) for row in mine]
+        assert np.mean(aucs) == pytest.approx(r["auc"]) and r["uncertainty"]["auc"]["std"] == pytest.approx(
+            np.std(aucs, ddof=1))
+        assert r["clean_accuracy"] == pytest.approx(np.mean([row["pred"] == row["label"] for row in mine]))
+        low, high = r["uncertainty"]["auc"]["ci95"]
+        assert low <= r["auc"] <= high
+    assert pert["ties"] == "random" and pert["better"] == "lower AUC"
+
+    data = str(tmp_path / "gtsegs_shapes.mat")
+    write_shapes_gtsegs(data, 7, size=32)
+    seg = ev.run(["segmentation", "--data", data, "-m", "resnet8", "-c", ckpts["a"], "-d", "shapes", "-bs", "3",
+                  "--out", out])["results"][0]
+    rows = _csv(os.path.join(out, "segmentation_gtsegs_shapes_cam.csv"))
+    assert [int(row["image"]) for row in rows] == list(range(7))
+    for k in ("map", "f1"):
+        assert np.mean([float(row[k]) for row in rows]) == pytest.approx(seg[k])
+    assert seg["uncertainty"]["miou"]["interval"].startswith("bootstrap")
+
+    agree = ev.run(["agreement", "-t", "resnet8", "-tc", ckpts["a"], "-m", "resnet8", "-c", ckpts["b"], "-d", "shapes",
+                    "--num-images", "6", "-bs", "4", "--method", "cam", "gradcam", "--out", out])
+    rows = _csv(os.path.join(out, "agreement_shapes_resnet8.csv"))
+    assert len(rows) == 2 * 6
+    for r in agree["results"]:
+        mine = [row for row in rows if row["method"] == r["method"]]
+        assert np.mean([float(row["cosine"]) for row in mine]) == pytest.approx(r["cosine"])
+        assert np.mean([float(row["iou"]) for row in mine]) == pytest.approx(r["iou"])
+        assert r["student_accuracy"] == pytest.approx(np.mean([row["student_pred"] == row["label"] for row in mine]))
+
+
+def test_tie_option_and_seed(ev, ckpts, tmp_path):
+    argv = ["perturbation", "-m", "resnet8", "-c", ckpts["a"], "-d", "shapes", "--num-images", "6", "-bs", "6",
+            "--method", "gradcam", "--out", str(tmp_path)]
+    runs = {t: ev.run(argv + ["--ties", t])["results"][0] for t in ("random", "raster", "topk")}
+    assert ev.run(argv + ["--ties", "random"])["results"][0]["accuracies"] == runs["random"]["accuracies"]
+    assert all(r["num_images"] == 6 for r in runs.values())
+    assert ev.build_parser().parse_args(["perturbation", "-m", "resnet8"]).ties == "random"
+
+
+def test_lrp_options(ev, ckpts, tmp_path, capsys):
+    p = ev.build_parser()
+    args = p.parse_args(["perturbation", "-m", "resnet8", "--method", "lrp", "--rule", "epsilon_gamma_box",
+                         "--zero-bias", "--layer", "1"])
+    assert (args.rule, args.zero_bias, args.layer) == ("epsilon_gamma_box", True, 1)
+    model = load_model("resnet8", "shapes", 4, ckpts["a"])
+    x, classes = torch.rand(2, 3, 32, 32), torch.tensor([0, 3])
+    for rule, zero_bias, layer in (("epsilon_gamma_box", True, None), ("zplus", False, 1)):
+        fn = eval_common.make_map_fn(model, "lrp", layer, rule=rule, zero_bias=zero_bias)
+        ref = explain(model, x, classes[:, None], method="lrp", layer=layer if layer is not None else "input",
+                      rule=rule, zero_bias=zero_bias)[:, 0]
+        assert torch.equal(fn(x, classes), ref)
+    assert not torch.equal(eval_common.make_map_fn(model, "lrp", None, rule="zplus")(x, classes),
+                           eval_common.make_map_fn(model, "lrp", None)(x, classes))
+    res = ev.run(["perturbation", "-m", "resnet8", "-c", ckpts["a"], "-d", "shapes", "--num-images", "4",
+                  "--method", "lrp", "--rule", "zplus", "--zero-bias", "--out", str(tmp_path)])
+    assert (res["rule"], res["zero_bias"], res["layer"]) == ("zplus", True, {"lrp": "input"})
+    assert ev.main(["perturbation", "-m", "resnet8", "-c", "none", "-d", "shapes", "--num-images", "4",
+                    "--rule", "zplus", "--out", str(tmp_path)]) == 2
+    _one_error_line(capsys, "explain_eval.py", "--rule: LRP options, given without --method lrp")
+
+
+def test_help_keeps_lines_and_says_how_to_read(ev, viz):
+    top = ev.build_parser().format_help()
+    assert "ckpt/student_best \\\n        -d cifar100" in top  # the continuation lines stay lines
+    sub = ev.build_parser()._subparsers._group_actions[0].choices
+    for name, words in (("perturbation", ("lower is better", "[0, 90]", "clean accuracy", "robustness")),
+                        ("segmentation", ("higher is better", "[0, 1]", "bootstrap")),
+                        ("agreement", ("[-1, 1]", "not measure map quality", "clean accuracy"))):
+        text = sub[name].format_help()
+        for w in words:
+            assert w in text, (name, w)
+    assert "\n    python tools/visualize.py tsne" in viz.build_parser().format_help()
+
+
+def test_imagenet_perturbation_transform(imagenet_root, ev, monkeypatch):
+    from PIL import Image
+    from torchvision import transforms
+
+    def load(center_crop):
+        args = ev.build_parser().parse_args(["perturbation", "-m", "ResNet18", "-d", "imagenet", "--data-root",
+                                             str(imagenet_root), "-bs", "4", *(["--center-crop"] * center_crop)])
+        assert args.center_crop == center_crop
+        loader, _, num_classes = eval_common.load_eval_data(args, center_crop=args.center_crop)
+        return loader, num_classes
+
+    (loader, num_classes), (cropped, _) = load(False), load(True)
+    assert num_classes == 1000
+    path = loader.dataset.samples[0][0]
+    with open(path, "rb") as f:
+        pil = Image.open(f).convert("RGB")  # 48x40: the aspect ratio is not kept by the reference's resize
+    images, _ = next(iter(loader))
+    assert images.shape[1:] == (3, 224, 224) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images[0], transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor()])(pil))
+    crop = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])(pil)
+    assert torch.equal(next(iter(cropped))[0][0], crop) and not torch.equal(crop, images[0])
+    # the perturbation subcommand hands the flag on (stopped before any model runs)
+    seen = []
+
+    def fake_load(args, center_crop=True):
+        seen.append(center_crop)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(ev, "load_eval_data", fake_load)
+    for flag in ([], ["--center-crop"]):
+        with pytest.raises(RuntimeError, match="stop"):
+            ev.run(["perturbation", "-m", "resnet8", "-c", "none", "-d", "cifar100", *flag])
+    assert seen == [False, True]
+
+
+def test_visualize_out_folder_and_images_beyond_one_batch(viz, ckpts, tmp_path, capsys):
+    folder = tmp_path / "figs"
+    res = viz.run(["heatmaps", "-m", "resnet8", "-c", ckpts["a"], "-d", "shapes", "--num-images", "5", "-bs", "2",
+                   "--out", str(folder)])
+    assert res["num_images"] == 5  # three batches of 2, cut to 5
+    _nonempty(str(folder / "heatmaps.png"))
+    assert not (tmp_path / "figs.png").exists()
+    assert f"wrote {folder / 'heatmaps.png'}" in capsys.readouterr().out
+    viz.run(["corr", "-t", "resnet8", "-tc", ckpts["a"], "-m", "resnet8", "-c", ckpts["b"], "-d", "shapes",
+             "--num-images", "8", "--out", str(folder)])
+    for name in ("corr.png", "corr.json"):
+        _nonempty(str(folder / name))
+    viz.run(["heatmaps", "-m", "resnet8", "-c", ckpts["a"], "-d", "shapes", "--num-images", "2",
+             "--out", str(tmp_path / "named.png")])
+    _nonempty(str(tmp_path / "named.png"))
+
+
+def test_map_cache_is_shared_by_the_subcommands(ev, ckpts, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    common = ["-d", "shapes", "--num-images", "6", "--cache-dir", str(cache), "--out", str(tmp_path / "out")]
+    ev.run(["perturbation", "-m", "resnet8", "-c", ckpts["a"], "-bs", "4", *common])
+    assert len(os.listdir(cache)) == 1
+    calls = []
+    real = eval_common.explain
+
+    def counting(*a, **k):
+        calls.append(k["method"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(eval_common, "explain", counting)
+    # the teacher's maps (its own prediction, same data) come from the perturbation run, even at another batch size
+    ev.run(["agreement", "-t", "resnet8", "-tc", ckpts["a"], "-m", "resnet8", "-c", ckpts["b"], "-bs", "3", *common])
+    assert len(calls) == 2 and len(os.listdir(cache)) == 2  # only the student's two batches were explained
+    data = str(tmp_path / "gtsegs.mat")
+    write_shapes_gtsegs(data, 4, size=32)
+    seg = ["segmentation", "--data", data, "-m", "resnet8", "-c", ckpts["a"], "-d", "shapes", "--cache-dir",
+           str(cache), "--out", str(tmp_path / "out")]
+    first = ev.run(seg)
+    calls.clear()
+    assert ev.run(seg)["results"] == first["results"] and calls == []
+    ev.run(["perturbation", "-m", "resnet8", "-c", "none", *common])  # random weights: never cached
+    assert len(os.listdir(cache)) == 3
+
+
+def test_map_cache_unit(tmp_path):
+    maps = torch.arange(10.0).view(10, 1, 1)
+    calls = []
+
+    def map_fn(x, classes):
+        calls.append(x.shape[0])
+        return maps[x[:, 0, 0, 0].long()]
+
+    x = torch.arange(10.0).view(10, 1, 1, 1)
+    first = eval_common.MapCache(str(tmp_path), {"model": "m", "method": "cam"})
+    fn = first.wrap(map_fn)
+    assert torch.equal(torch.cat([fn(x[:4], None), fn(x[4:], None)]), maps)
+    first.save()
+    again = eval_common.MapCache(str(tmp_path), {"model": "m", "method": "cam"})
+    fn = again.wrap(map_fn)
+    assert torch.equal(torch.cat([fn(x[i : i + 3], None) for i in range(0, 10, 3)]), maps) and calls == [4, 6]
+    with pytest.raises(ValueError, match="holds 10 maps"):
+        fn(x[:1], None)
+    other = eval_common.MapCache(str(tmp_path), {"model": "m", "method": "gradcam"})
+    assert other.stored is None and other.path != again.path
+    assert eval_common.MapCache("", {"model": "m"}).path is None
