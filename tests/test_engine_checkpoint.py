@@ -125,3 +125,9 @@ def test_legacy_format_teacher_files_load(tmp_path):
     fresh = nn.Linear(3, 2)
     load_weights(fresh, state, str(path), "teacher")
     assert torch.equal(fresh.weight, net.weight)
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
+    ckpt.atomic_write(str(tmp_path / "atomic"), lambda f: f.write(b"x"))
+    (tmp_path / "plain").write_bytes(b"x")
+    assert os.stat(tmp_path / "atomic").st_mode == os.stat(tmp_path / "plain").st_mode

@@ -151,3 +151,27 @@ def test_imports_in_a_yaml_are_found_next_to_the_config(tmp_path):
     assert cfg.MYKD_YAML_TEST.T == 2.0 and isinstance(cfg.MYKD_YAML_TEST.T, float)
     load_cfg(str(folder / "exp.yaml"))  # a second import of the same file is a no-op, not a double registration
     assert json.dumps(cfg.EXPERIMENT.IMPORTS) == json.dumps([str(folder / "my_kd.py")])
+
+
+def test_the_documented_data_set_example_trains_and_evaluates(tmp_path):
+    """docs/extending.md's my_data.py, as a user copies it: a registered npz type trains through tools/train.py."""
+    import numpy as np
+
+    text = (ROOT / "docs" / "extending.md").read_text()
+    match = re.search(r"<!-- example: my_data.py -->\n```python\n(.*?)```", text, re.S)
+    assert match, "docs/extending.md lost its data set example"
+    (tmp_path / "my_data.py").write_text(match.group(1))
+    rng = np.random.default_rng(0)
+    root = tmp_path / "my_images"
+    root.mkdir()
+    for split, n in (("train", 40), ("test", 20)):
+        np.savez(root / f"{split}.npz", images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 labels=np.arange(n) % 3)
+    result = _train(["--cfg", str(ROOT / "configs/digits/quickstart/vanilla.yaml"), "--run-dir", str(tmp_path / "run"),
+                     "EXPERIMENT.IMPORTS", "['my_data.py']", "DATASET.TYPE", "npz", "DATASET.ROOT", str(root),
+                     "DATASET.TRAIN_SUBSET", "0", "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "16",
+                     "DATASET.TEST.BATCH_SIZE", "10"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["finished"] is True and results["dataset"] == "npz"
+    assert 0 <= results["last_acc"] <= 100

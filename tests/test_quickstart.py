@@ -51,47 +51,53 @@ def test_fenced_commands_parser():
     assert fenced_commands(text) == ["python3 -m venv .venv && .venv/bin/python x.py", "y --z"]
 
 
-def test_run_config_sets_run_identity_and_scales_the_schedule(tmp_path):
+def test_plan_run_sets_seed_teacher_and_scales_the_schedule(tmp_path):
     out = str(tmp_path)
-    text, cfg = qs.run_config("expkd_cam", 2, out, 20, "T/student_best")
+    run = qs.plan_run("expkd_cam", 2, out, 20, "T/student_best")
     base = qs.load_cfg(os.path.join(qs.CONFIG_DIR, "expkd_cam.yaml"))
-    assert (cfg.EXPERIMENT.NAME, cfg.EXPERIMENT.SEED, cfg.LOG.PREFIX) == ("expkd_cam_seed2", 2, out)
-    assert cfg.DISTILLER.TEACHER_CKPT == "T/student_best"
+    cfg = run.cfg
+    assert run.name == "expkd_cam_seed2" and run.run_dir == os.path.join(out, "runs", "expkd_cam_seed2")
+    assert cfg.EXPERIMENT.SEED == 2 and cfg.DISTILLER.TEACHER_CKPT == "T/student_best"
     assert cfg.SOLVER.EPOCHS == 20 and base.SOLVER.EPOCHS == 40
     assert list(cfg.SOLVER.LR_DECAY_STAGES) == [round(s / 2) for s in base.SOLVER.LR_DECAY_STAGES]
     assert cfg.EXPKD.WARMUP == round(base.EXPKD.WARMUP / 2)
-    written = tmp_path / "run.yaml"
-    written.write_text(text)
-    assert qs.load_cfg(str(written)) == cfg  # what tools/train.py reads is this config
-    _, vanilla = qs.run_config("vanilla", 0, out, 0, "T/student_best")
+    command = run.planned.command(resume=False)
+    assert command[1:6] == [os.path.join(qs.REPO, "tools", "train.py"), "--cfg",
+                            os.path.join(qs.CONFIG_DIR, "expkd_cam.yaml"), "--run-dir", run.run_dir]
+    vanilla = qs.plan_run("vanilla", 0, out, 0, "T/student_best").cfg
     assert vanilla.DISTILLER.TEACHER_CKPT == "" and vanilla.SOLVER.EPOCHS == 40
-    _, lrp = qs.run_config("expkd_lrp", 0, out, 0, "T")
-    assert lrp.EXPKD.LAYER == "-2"
+    assert qs.plan_run("expkd_lrp", 0, out, 0, "T").cfg.EXPKD.LAYER == "-2"
 
 
-def test_train_state_ignores_added_keys_but_not_changed_values(tmp_path):
-    step = qs.train_step("kd", 1, str(tmp_path), 0, "T")
-    assert qs.train_state(step) == "new"
-    os.makedirs(step.run_dir)
-    dumped = qs.yaml.safe_load(qs.cfg_to_yaml(step.cfg))
-    del dumped["SOLVER"]["MOMENTUM"]
-    dumped["SOLVER"]["NEW_KEY"] = 1
-    config = os.path.join(step.run_dir, "config.yaml")
-    with open(config, "w") as f:
-        qs.yaml.safe_dump(dumped, f)
-    assert qs.train_state(step) == "stale"  # started, but no checkpoint yet
-    open(os.path.join(step.run_dir, "latest"), "w").close()
-    with open(os.path.join(step.run_dir, "worklog.txt"), "w") as f:
-        f.write("epoch: 1\ntest_acc: 50.00\n")
-    assert qs.train_state(step) == "partial"
-    open(step.checkpoint("latest"), "w").close()
-    with open(os.path.join(step.run_dir, "worklog.txt"), "a") as f:
-        f.write("last_acc\t50.00\nbest_acc\t50.00")
-    assert qs.train_state(step) == "done"
-    dumped["SOLVER"]["LR"] = 0.5
-    with open(config, "w") as f:
-        qs.yaml.safe_dump(dumped, f)
-    assert qs.train_state(step) == "stale"
+def _finish(run, teacher_ckpt=None, teacher_sha=None):
+    """A finished record for `run` in its directory, as the trainer writes it."""
+    from mdistiller.engine.records import config_sha
+
+    os.makedirs(run.run_dir, exist_ok=True)
+    with open(os.path.join(run.run_dir, "results.json"), "w") as f:
+        json.dump({"finished": True, "config_sha": config_sha(run.cfg), "teacher_ckpt": teacher_ckpt,
+                   "teacher_ckpt_sha256": teacher_sha, "best_acc": 50.0, "last_acc": 50.0}, f)
+
+
+def test_train_states_retrain_students_of_another_teacher_and_runs_of_another_config(tmp_path):
+    from mdistiller.engine.records import file_sha256
+
+    out = str(tmp_path)
+    teacher = qs.plan_run(qs.TEACHER, 0, out, 0, "")
+    kd, vanilla = (qs.plan_run(m, 0, out, 0, teacher.checkpoint("best")) for m in ("kd", "vanilla"))
+    assert qs.train_states(teacher, [kd, vanilla]) == {qs.TEACHER: "new", "kd_seed0": "new", "vanilla_seed0": "new"}
+    _finish(teacher)
+    with open(teacher.checkpoint("best"), "w") as f:
+        f.write("weights 1")
+    _finish(kd, teacher.checkpoint("best"), file_sha256(teacher.checkpoint("best")))
+    _finish(vanilla)
+    assert set(qs.train_states(teacher, [kd, vanilla]).values()) == {"done"}
+    with open(teacher.checkpoint("best"), "w") as f:
+        f.write("weights 2")  # a retrained teacher: its students are stale, the vanilla run is not
+    assert qs.train_states(teacher, [kd, vanilla]) == {qs.TEACHER: "done", "kd_seed0": "new", "vanilla_seed0": "done"}
+    assert not os.path.exists(kd.run_dir)
+    shorter = qs.plan_run("vanilla", 0, out, 3, "")  # another schedule in the same directory
+    assert qs.train_states(teacher, [shorter])["vanilla_seed0"] == "new" and not os.path.exists(vanilla.run_dir)
 
 
 def test_every_quickstart_config_is_a_valid_run():
@@ -105,39 +111,17 @@ def test_every_quickstart_config_is_a_valid_run():
             assert cfg.DATASET.TRAIN_SUBSET == 200 and cfg.DISTILLER.STUDENT == "resnet8"
 
 
-def _python_step(tmp_path, name, code, after=()):
-    return qs.Step(name, ["-c", code], str(tmp_path / f"{name}.log"), outputs=(), after=list(after))
-
-
-class _Quiet(qs.Progress):
-    def __init__(self):
-        super().__init__(0)
-        self.lines = []
-
-    def _message(self, text):
-        self.lines.append(text)
-
-
-def test_runner_respects_dependencies_and_stamps_eval_steps(tmp_path):
-    marker = tmp_path / "first.txt"
-    first = _python_step(tmp_path, "first", f"import time; time.sleep(0.3); open({str(marker)!r}, 'w').write('x')")
-    second = _python_step(tmp_path, "second", f"import os; assert os.path.exists({str(marker)!r})", after=[first])
-    skipped = _python_step(tmp_path, "skipped", "raise SystemExit(3)")
-    progress = _Quiet()
-    qs.Runner(2, 1, progress).run([second, first, skipped], skip=lambda s: s is skipped)
-    assert marker.exists() and not os.path.exists(skipped.log)
-    assert [line.split()[1] for line in progress.lines if "done" in line] == ["first", "second"]
-    assert (tmp_path / "second.log.cmd").read_text() == " ".join(second.argv)
-
-
-def test_runner_stops_on_a_failing_step_and_names_its_log(tmp_path):
-    bad = _python_step(tmp_path, "bad", "print('Epoch:1/3| lr:0.1'); print('boom'); raise SystemExit(4)")
-    later = _python_step(tmp_path, "later", "pass", after=[bad])
+def test_eval_steps_stamp_success_only_and_name_the_log_of_a_failure(tmp_path):
+    marker = tmp_path / "out.txt"
+    good = qs.EvalStep("good", ["-c", f"open({str(marker)!r}, 'w').write('x')"], str(tmp_path / "good.log"),
+                       [str(marker)], [])
+    qs.run_eval(good)
+    assert qs.eval_done(good) and (tmp_path / "good.log.cmd").read_text() == " ".join(good.argv)
+    bad = qs.EvalStep("bad", ["-c", "print('boom'); raise SystemExit(4)"], str(tmp_path / "bad.log"), [], [])
     with open(bad.log + ".cmd", "w") as f:  # the stamp of an earlier success of the same command
         f.write(" ".join(bad.argv))
     with pytest.raises(qs.StepError, match=r"(?s)bad failed \(exit status 4\); log: \S*bad\.log\n.*boom$"):
-        qs.Runner(1, 1, _Quiet()).run([bad, later], skip=lambda s: False)
-    assert not os.path.exists(later.log)
+        qs.run_eval(bad)
     assert not os.path.exists(bad.log + ".cmd")  # a failed or interrupted evaluation never looks finished
 
 
@@ -186,11 +170,12 @@ def test_smoke_pipeline_writes_every_output_and_a_rerun_skips_finished_work(tmp_
                  "eval/perturbation_digits_cam_positive.png"):
         with open(os.path.join(out, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    commands = open(os.path.join(out, "commands.sh")).read()
     for run in runs:
-        for name in ("config.yaml", "worklog.txt", "latest", "student_latest", "student_best"):
+        for name in ("config.yaml", "worklog.txt", "results.json", "latest", "student_latest", "student_best"):
             assert os.path.isfile(os.path.join(out, "runs", run, name)), (run, name)
-        assert os.path.isfile(os.path.join(out, "configs", f"{run}.yaml"))
-        assert f"tools/train.py --cfg {out}/configs/{run}.yaml" in open(os.path.join(out, "commands.sh")).read()
+        config = "teacher" if run == qs.TEACHER else run.rsplit("_seed", 1)[0]
+        assert f"tools/train.py --cfg configs/digits/quickstart/{config}.yaml --run-dir {out}/runs/{run}" in commands
 
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["command"] == qs.COMMAND
@@ -210,11 +195,6 @@ def test_smoke_pipeline_writes_every_output_and_a_rerun_skips_finished_work(tmp_
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{len(runs)} training runs ({len(runs)} already done)" in again.stdout
-    assert " start " not in again.stdout
+    assert "  done   " not in again.stdout
     assert stamps == {run: os.path.getmtime(os.path.join(out, "runs", run, "student_latest")) for run in runs}
     assert eval_stamp == os.path.getmtime(os.path.join(out, "eval", "agreement_digits_resnet20.json"))
-
-    teacher = qs.train_step(qs.TEACHER, 0, out, qs.SMOKE["teacher_epochs"], "")
-    assert qs.train_state(teacher) == "done"
-    assert qs.train_state(qs.train_step(qs.TEACHER, 0, out, 3, "")) == "stale"
-    assert qs.train_state(qs.train_step("kd", 0, out, qs.SMOKE["epochs"], "elsewhere/student_best")) == "stale"

@@ -11,34 +11,33 @@
 4. writes results.md, results.json, curves.png and heatmaps.png (teacher | KD student | Exp-KD student) under --out and
    prints where they are.
 
-Nothing is special-cased: each run is `tools/train.py --cfg <out>/configs/<run>.yaml`, the config of
-configs/digits/quickstart/ with the run's seed, output folder and teacher written in; the evaluation is
-`tools/explain_eval.py` and `tools/visualize.py`. Every command is logged under <out>/logs and listed in
-<out>/commands.sh. A re-run skips finished work (the teacher and runs whose config is unchanged; interrupted runs
-resume); --fresh starts over; --smoke is a one-seed, two-epoch version of the same pipeline (CI).
+Nothing is special-cased: the runs go through the sweep of tools/sweep.py (docs/studies.md), each a
+`tools/train.py --cfg configs/digits/quickstart/<method>.yaml --run-dir <out>/runs/<run>` with its seed, teacher and
+schedule as overrides; the evaluation is `tools/explain_eval.py` and `tools/visualize.py`. Every command is listed in
+<out>/commands.sh; each run's output is its train.log, each evaluation's is under <out>/logs. A re-run skips finished
+work (runs whose config and teacher file are unchanged; interrupted runs resume); --fresh starts over; --smoke is a
+one-seed, two-epoch version of the same pipeline (CI).
 """
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import yaml
-
 from mdistiller.distillers import distiller_class
-from mdistiller.engine.config import cfg_to_yaml, load_cfg
+from mdistiller.engine.config import load_cfg
+from mdistiller.engine.records import file_sha256, read_results
+from mdistiller.errors import ConfigError
+from mdistiller.launch.sweep import DONE, NEW, PlannedRun, planned_sha, run_state, run_sweep
 
 COMMAND = "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python tools/quickstart.py"
 CONFIG_DIR = os.path.join(REPO, "configs", "digits", "quickstart")
@@ -53,9 +52,7 @@ METHODS: Dict[str, str] = {
 }
 OPTIONAL_METHODS = ("expkd_lrp",)
 SMOKE = {"seeds": 1, "epochs": 2, "teacher_epochs": 1, "num_images": 40}
-EPOCH_LINE = re.compile(r"Epoch:(\d+)/(\d+)\| lr:")
-OUTPUT_NAMES = ("configs", "runs", "logs", "eval", "results.md", "results.json", "curves.png", "heatmaps.png",
-                "commands.sh")
+OUTPUT_NAMES = ("runs", "logs", "eval", "results.md", "results.json", "curves.png", "heatmaps.png", "commands.sh")
 
 
 class StepError(RuntimeError):
@@ -63,32 +60,43 @@ class StepError(RuntimeError):
 
 
 @dataclass
-class Step:
-    """One command of the pipeline: a training run (`cfg` set) or an evaluation (`outputs` set)."""
+class Run:
+    """A training run of the pipeline: its method and seed, and the sweep's launch of it."""
 
-    name: str
-    argv: List[str]
-    log: str
-    cfg: Optional[object] = None
-    method: str = ""
-    seed: int = 0
-    outputs: Sequence[str] = ()
-    inputs: Sequence[str] = ()
-    config_path: str = ""
-    config_text: str = ""
-    after: List["Step"] = field(default_factory=list)
-    resume: bool = False
+    method: str
+    seed: int
+    planned: PlannedRun
+
+    @property
+    def name(self) -> str:
+        return TEACHER if self.method == TEACHER else f"{self.method}_seed{self.seed}"
 
     @property
     def run_dir(self) -> str:
-        return os.path.join(self.cfg.LOG.PREFIX, self.cfg.EXPERIMENT.PROJECT, self.cfg.EXPERIMENT.NAME)
+        return self.planned.run_dir
+
+    @property
+    def student(self) -> str:
+        return self.cfg.DISTILLER.STUDENT
+
+    @property
+    def cfg(self):
+        return load_cfg(self.planned.cfg, self.planned.overrides)
 
     def checkpoint(self, kind: str) -> str:
         return os.path.join(self.run_dir, f"student_{kind}")
 
-    @property
-    def epochs(self) -> int:
-        return self.cfg.SOLVER.EPOCHS if self.cfg is not None else 0
+
+@dataclass
+class EvalStep:
+    """An evaluation command: done when its outputs are newer than the runs it reads and were made by this very
+    command (a stamp file beside its log)."""
+
+    name: str
+    argv: List[str]
+    log: str
+    outputs: Sequence[str]
+    inputs: Sequence[str]
 
 
 # ---------------------------------------------------------------------------------------------------- planning
@@ -106,90 +114,70 @@ def schedule_overrides(cfg, epochs: int) -> Dict[str, object]:
     return overrides
 
 
-def run_config(method: str, seed: int, out: str, epochs: int, teacher_ckpt: str) -> Tuple[str, object]:
-    """One run's yaml (configs/digits/quickstart/<method>.yaml with its name, seed, output folder, teacher and
-    schedule set) and the config tools/train.py builds from it."""
+def plan_run(method: str, seed: int, out: str, epochs: int, teacher_ckpt: str) -> Run:
+    """configs/digits/quickstart/<method>.yaml with the run's seed, teacher and schedule as overrides, trained in
+    <out>/runs/<name>."""
     source = os.path.join(CONFIG_DIR, f"{method}.yaml")
     base = load_cfg(source)
-    overrides = {"EXPERIMENT.NAME": method if method == TEACHER else f"{method}_seed{seed}",
-                 "EXPERIMENT.SEED": seed, "LOG.PREFIX": out}
+    overrides: Dict[str, object] = {"EXPERIMENT.SEED": seed}
     if distiller_class(base.DISTILLER.TYPE).needs_teacher:
         overrides["DISTILLER.TEACHER_CKPT"] = teacher_ckpt
     if epochs and epochs != base.SOLVER.EPOCHS:
         overrides.update(schedule_overrides(base, epochs))
-    data = yaml.safe_load(read_text(source))
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    text = f"# {os.path.relpath(source, REPO)} for one run of tools/quickstart.py\n" + yaml.safe_dump(
-        data, sort_keys=False, default_flow_style=False)
-    return text, load_cfg(source, [item for pair in overrides.items() for item in pair])
+    name = TEACHER if method == TEACHER else f"{method}_seed{seed}"
+    flat = tuple(str(item) for pair in overrides.items() for item in pair)
+    return Run(method, seed, PlannedRun(source, flat, os.path.join(out, "runs", name)))
 
 
-def train_step(method: str, seed: int, out: str, epochs: int, teacher_ckpt: str) -> Step:
-    text, cfg = run_config(method, seed, out, epochs, teacher_ckpt)
-    name = cfg.EXPERIMENT.NAME
-    config_path = os.path.join(out, "configs", f"{name}.yaml")
-    argv = [os.path.join(REPO, "tools", "train.py"), "--cfg", config_path]
-    return Step(name, argv, os.path.join(out, "logs", f"{name}.log"), cfg=cfg, method=method, seed=seed,
-                config_path=config_path, config_text=text)
+def train_states(teacher: Run, students: List[Run]) -> Dict[str, str]:
+    """The sweep's state of every run (done, resume, new). A directory holding a run of another config, or a student
+    distilled from another teacher file than the current one, is deleted and trained again."""
+    states = {}
+    for run in [teacher, *students]:
+        try:
+            states[run.name] = run_state(run.planned, planned_sha(run.planned))
+        except ConfigError:
+            shutil.rmtree(run.run_dir)
+            states[run.name] = NEW
+    teacher_sha = file_sha256(teacher.checkpoint("best")) if states[TEACHER] == DONE else None
+    for run in students:
+        results = read_results(run.run_dir)
+        if results is not None and results.get("teacher_ckpt") and \
+                (teacher_sha is None or results.get("teacher_ckpt_sha256") != teacher_sha):
+            shutil.rmtree(run.run_dir)
+            states[run.name] = NEW
+    return states
 
 
-def read_text(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+def train(runs: List[Run], states: Dict[str, str], jobs: int) -> None:
+    """The runs through the sweep (`jobs` at a time); a StepError naming the first failed run's log."""
+    outcome = run_sweep([run.planned for run in runs], jobs=jobs,
+                        states={run.planned: states[run.name] for run in runs}, stream=sys.stdout)
+    if outcome.signum:
+        raise KeyboardInterrupt
+    if outcome.failed:
+        planned, code, line = outcome.failed[0]
+        raise StepError(f"{planned.run_dir} failed (exit status {code}); log: {planned.log}\n    {line}")
 
 
-def flat(node: Dict[str, object], prefix: str = "") -> Dict[str, object]:
-    items: Dict[str, object] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            items.update(flat(value, f"{prefix}{key}."))
-        else:
-            items[prefix + key] = value
-    return items
-
-
-def train_state(step: Step) -> str:
-    """"done", "partial" (resumable), "stale" (another config, or killed before its first checkpoint) or "new".
-
-    The run's config.yaml (the trainer's dump) must agree with this config on every key both have: a key added to
-    or removed from cfg.py since does not invalidate finished work, a changed value does."""
-    if not os.path.isdir(step.run_dir):
-        return "new"
-    config = os.path.join(step.run_dir, "config.yaml")
-    if not os.path.isfile(config):
-        return "stale"
-    old, new = flat(yaml.safe_load(read_text(config)) or {}), flat(yaml.safe_load(cfg_to_yaml(step.cfg)))
-    if any(old[key] != new[key] for key in old.keys() & new.keys()):
-        return "stale"
-    worklog = os.path.join(step.run_dir, "worklog.txt")
-    if os.path.isfile(worklog) and os.path.isfile(step.checkpoint("latest")) and \
-            read_text(worklog).rstrip().splitlines()[-1].startswith("best_acc"):
-        return "done"
-    return "partial" if os.path.isfile(os.path.join(step.run_dir, "latest")) else "stale"
-
-
-def eval_steps(out: str, teacher: Step, students: List[Step], num_images: int) -> List[Step]:
+def eval_steps(out: str, teacher: Run, students: List[Run], num_images: int) -> List[EvalStep]:
     """Agreement, perturbation, heatmaps and curves: the evaluation tools' own command lines."""
     tools, eval_dir = os.path.join(REPO, "tools"), os.path.join(out, "eval")
-    teacher_model, teacher_ckpt = teacher.cfg.DISTILLER.STUDENT, teacher.checkpoint("best")
+    teacher_model, teacher_ckpt = teacher.student, teacher.checkpoint("best")
     data = ["-d", "digits", "--method", "cam", "-bs", str(min(num_images, 120)), "--num-images", str(num_images)]
-    models = [arg for s in students for arg in ("-m", s.cfg.DISTILLER.STUDENT, "-c", s.checkpoint("latest"))]
+    models = [arg for s in students for arg in ("-m", s.student, "-c", s.checkpoint("latest"))]
     labels = [s.name for s in students]
 
-    def step(name: str, argv: List[str], outputs: List[str], after: List[Step]) -> Step:
-        inputs = [path for s in after for path in (s.checkpoint("latest"), os.path.join(s.run_dir, "worklog.txt"))]
-        return Step(name, argv, os.path.join(out, "logs", f"{name}.log"), outputs=outputs, inputs=inputs, after=after)
+    def step(name: str, argv: List[str], outputs: List[str], reads: List[Run]) -> EvalStep:
+        inputs = [path for s in reads for path in (s.checkpoint("latest"), os.path.join(s.run_dir, "worklog.txt"))]
+        return EvalStep(name, argv, os.path.join(out, "logs", f"{name}.log"), outputs, inputs)
 
-    first = {}
+    first: Dict[str, Run] = {}
     for s in students:
         first.setdefault(s.method, s)
     grid = [teacher] + [first[m] for m in ("kd", "expkd_cam") if m in first]
-    steps = [
+    curves = [teacher] + list(first.values())
+    return [
         step("agreement",
              [os.path.join(tools, "explain_eval.py"), "agreement", "-t", teacher_model, "-tc", teacher_ckpt, *models,
               "--labels", *labels, *data, "--out", eval_dir],
@@ -200,28 +188,24 @@ def eval_steps(out: str, teacher: Step, students: List[Step], num_images: int) -
              [os.path.join(eval_dir, "perturbation_digits_cam_positive.json")], [teacher, *students]),
         step("heatmaps",
              [os.path.join(tools, "visualize.py"), "heatmaps",
-              *[arg for s in grid for arg in ("-m", s.cfg.DISTILLER.STUDENT, "-c",
-                                              s.checkpoint("best" if s is teacher else "latest"))],
+              *[arg for s in grid
+                for arg in ("-m", s.student, "-c", s.checkpoint("best" if s is teacher else "latest"))],
               "--labels", *[grid_label(s) for s in grid], "-d", "digits", "--method", "cam", "--num-images", "8",
               "--out", os.path.join(out, "heatmaps.png")],
              [os.path.join(out, "heatmaps.png")], grid),
+        step("curves",
+             [os.path.join(tools, "visualize.py"), "curves", *[os.path.join(s.run_dir, "worklog.txt") for s in curves],
+              "--labels", *[s.name for s in curves], "--metrics", "test_acc", "train_loss", "--out",
+              os.path.join(out, "curves.png")],
+             [os.path.join(out, "curves.png")], curves),
     ]
-    curves = [teacher] + list(first.values())
-    steps.append(step(
-        "curves",
-        [os.path.join(tools, "visualize.py"), "curves", *[os.path.join(s.run_dir, "worklog.txt") for s in curves],
-         "--labels", *[s.name for s in curves], "--metrics", "test_acc", "train_loss", "--out",
-         os.path.join(out, "curves.png")],
-        [os.path.join(out, "curves.png")], curves))
-    return steps
 
 
-def grid_label(step: Step) -> str:
-    name = step.cfg.DISTILLER.STUDENT
-    return f"teacher {name}" if step.method == TEACHER else f"{METHODS[step.method]} {name}"
+def grid_label(run: Run) -> str:
+    return f"teacher {run.student}" if run.method == TEACHER else f"{METHODS[run.method]} {run.student}"
 
 
-def eval_done(step: Step) -> bool:
+def eval_done(step: EvalStep) -> bool:
     """Outputs exist, are newer than the runs it reads, and were made by this very command."""
     stamp = step.log + ".cmd"
     if not all(os.path.isfile(p) for p in [stamp, *step.outputs]) or read_text(stamp) != " ".join(step.argv):
@@ -230,144 +214,39 @@ def eval_done(step: Step) -> bool:
     return all(os.path.isfile(p) and os.path.getmtime(p) < oldest for p in step.inputs)
 
 
-# ---------------------------------------------------------------------------------------------------- running
+def run_eval(step: EvalStep) -> None:
+    """The command with its output in its log; the stamp is written only after it succeeded."""
+    stamp = step.log + ".cmd"
+    if os.path.exists(stamp):
+        os.remove(stamp)  # an interrupted evaluation must not look finished next time
+    start = time.monotonic()
+    with open(step.log, "a") as log:
+        log.write("$ " + " ".join(step.argv) + "\n")
+        log.flush()
+        code = subprocess.run([sys.executable, *step.argv], stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        with open(step.log) as log:
+            tail = [line.rstrip() for line in log if line.strip()][-3:]
+        raise StepError(f"{step.name} failed (exit status {code}); log: {step.log}\n    " + "\n    ".join(tail))
+    with open(stamp, "w") as f:
+        f.write(" ".join(step.argv))
+    print(f"  done   {step.name} in {time.monotonic() - start:.0f} s", flush=True)
 
 
-class Progress:
-    """Epochs of the runs to train: a live bar on a terminal, one line per finished step otherwise."""
-
-    def __init__(self, total_epochs: int):
-        from tqdm import tqdm
-
-        self.lock = threading.Lock()
-        self.current: Dict[str, str] = {}
-        self.seen: Dict[str, int] = {}
-        self.start = time.monotonic()
-        self.bar = tqdm(total=total_epochs, unit="epoch", dynamic_ncols=True, disable=not sys.stderr.isatty(),
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} epochs [{elapsed}<{remaining}]")
-
-    def started(self, step: Step, note: str) -> None:
-        with self.lock:
-            self.current[step.name] = f"{step.name} 0/{step.epochs}" if step.epochs else step.name
-            self._message(f"  start  {step.name}{note}")
-
-    def epoch(self, step: Step, epoch: int) -> None:
-        with self.lock:
-            self.current[step.name] = f"{step.name} {epoch}/{step.epochs}"
-            self.bar.update(epoch - self.seen.get(step.name, 0))
-            self.seen[step.name] = epoch
-            self.bar.set_description(", ".join(self.current.values()), refresh=True)
-
-    def finished(self, step: Step, seconds: float, summary: str) -> None:
-        with self.lock:
-            self.current.pop(step.name, None)
-            self._message(f"  done   {step.name} in {seconds:.0f} s{summary}")
-
-    def _message(self, text: str) -> None:
-        elapsed = time.monotonic() - self.start
-        self.bar.write(f"[{int(elapsed) // 60:2d}:{int(elapsed) % 60:02d}]{text}")
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-class Runner:
-    """Runs steps as subprocesses, `jobs` at a time, each after the steps it depends on; stops all on a failure."""
-
-    def __init__(self, jobs: int, threads: int, progress: Progress):
-        self.jobs = jobs
-        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                        PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-        self.progress = progress
-        self.procs: Dict[str, subprocess.Popen] = {}
-        self.stopping = threading.Event()
-
-    def execute(self, step: Step) -> None:
-        argv = [sys.executable, *step.argv] + (["--resume"] if step.resume else [])
-        note = " (resuming)" if step.resume else ""
-        self.progress.started(step, note)
-        start = time.monotonic()
-        last_lines: List[str] = []
-        stamp = step.log + ".cmd"
-        if os.path.exists(stamp):
-            os.remove(stamp)  # an interrupted evaluation must not look finished next time
-        with open(step.log, "a") as log:
-            log.write("$ " + " ".join(argv) + "\n")
-            log.flush()
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
-            self.procs[step.name] = proc
-            for line in proc.stdout:
-                log.write(line)
-                last_lines = (last_lines + [line.rstrip()])[-3:]
-                match = EPOCH_LINE.search(line)
-                if match:
-                    self.progress.epoch(step, int(match.group(1)))
-            code = proc.wait()
-        if code != 0:
-            if self.stopping.is_set():
-                raise StepError(f"{step.name}: stopped")
-            raise StepError(f"{step.name} failed (exit status {code}); log: {step.log}\n    "
-                            + "\n    ".join(last_lines))
-        if step.cfg is None:
-            with open(stamp, "w") as f:
-                f.write(" ".join(step.argv))
-        summary = ""
-        if step.cfg is not None:
-            acc = read_accuracies(step)
-            summary = f": best {acc['best']:.2f}, last {acc['last']:.2f} % top-1"
-        self.progress.finished(step, time.monotonic() - start, summary)
-
-    def run(self, steps: List[Step], skip: Callable[[Step], bool]) -> None:
-        """Run `steps`; `skip(step)` is asked when the step's dependencies are done (so it sees their results)."""
-        pending, done = list(steps), set()
-        running: Dict[Future, Step] = {}
-        with ThreadPoolExecutor(self.jobs) as pool:
-            try:
-                while pending or running:
-                    changed = True
-                    while changed:
-                        changed = False
-                        for step in [s for s in pending if all(d.name in done for d in s.after)]:
-                            if skip(step):
-                                done.add(step.name)
-                            elif len(running) < self.jobs:
-                                running[pool.submit(self.execute, step)] = step
-                            else:
-                                continue
-                            pending.remove(step)
-                            changed = True
-                    if not running:
-                        if pending:
-                            raise StepError(f"{pending[0].name}: waits for a step that is not in the pipeline")
-                        break
-                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        step = running.pop(future)
-                        future.result()
-                        done.add(step.name)
-            except BaseException:
-                self.stopping.set()
-                for proc in self.procs.values():
-                    if proc.poll() is None:
-                        proc.terminate()
-                raise
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 # ---------------------------------------------------------------------------------------------------- results
 
 
-def read_accuracies(step: Step) -> Dict[str, float]:
-    """Best and last test top-1 of a finished run, from its worklog.txt (the trainer's per-epoch log)."""
-    best, last = None, None
-    with open(os.path.join(step.run_dir, "worklog.txt")) as f:
-        for line in f:
-            if line.startswith("test_acc:"):
-                last = float(line.split(":")[1])
-            elif line.startswith("best_acc"):
-                best = float(line.split()[-1])
-    if best is None or last is None:
-        raise StepError(f"{step.run_dir}/worklog.txt: no test_acc/best_acc lines (unfinished run?)")
-    return {"best": best, "last": last}
+def read_accuracies(run: Run) -> Dict[str, float]:
+    """Best and last test top-1 of a finished run, from its results.json."""
+    results = read_results(run.run_dir) or {}
+    if results.get("finished") is not True:
+        raise StepError(f"{run.run_dir}/results.json: the run is not finished")
+    return {"best": results["best_acc"], "last": results["last_acc"]}
 
 
 def mean_std(values: List[float]) -> Dict[str, float]:
@@ -375,7 +254,7 @@ def mean_std(values: List[float]) -> Dict[str, float]:
             "n": len(values)}
 
 
-def collect(out: str, teacher: Step, students: List[Step], evals: Dict[str, Step]) -> Dict[str, object]:
+def collect(out: str, teacher: Run, students: List[Run], evals: Dict[str, EvalStep]) -> Dict[str, object]:
     with open(evals["agreement"].outputs[0]) as f:
         agreement = {r["label"]: r for r in json.load(f)["results"]}
     with open(evals["perturbation"].outputs[0]) as f:
@@ -391,11 +270,12 @@ def collect(out: str, teacher: Step, students: List[Step], evals: Dict[str, Step
         for key in ("best_top1", "last_top1", "cam_cosine", "cam_iou", "perturbation_auc"):
             entry[key] = mean_std([r[key] for r in entry["runs"]])
     s0 = students[0].cfg
+    t0 = teacher.cfg
     return {
         "command": COMMAND,
         "setup": {
             "data": "scikit-learn digits, 32x32 RGB; test split 360 images",
-            "teacher": f"{teacher.cfg.DISTILLER.STUDENT}, all training images, {teacher.cfg.SOLVER.EPOCHS} epochs",
+            "teacher": f"{t0.DISTILLER.STUDENT}, all training images, {t0.SOLVER.EPOCHS} epochs",
             "student": s0.DISTILLER.STUDENT,
             "train_subset": s0.DATASET.TRAIN_SUBSET,
             "epochs": s0.SOLVER.EPOCHS,
@@ -443,13 +323,13 @@ def markdown(results: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def write_commands(path: str, steps: List[Step]) -> None:
+def write_commands(path: str, runs: List[Run], evals: List[EvalStep]) -> None:
     with open(path, "w") as f:
-        f.write("#!/bin/sh\n# The commands tools/quickstart.py runs, in order (training runs of one line are "
-                "independent once the teacher exists).\nset -e\n")
-        for step in steps:
+        f.write("#!/bin/sh\n# The commands tools/quickstart.py runs, in order (the students are independent once "
+                "the teacher exists).\nset -e\n")
+        for argv in [run.planned.command(resume=False)[1:] for run in runs] + [step.argv for step in evals]:
             f.write(shlex.join(["python3"] + [os.path.relpath(a, REPO) if a.startswith(REPO) else a
-                                               for a in step.argv]) + "\n")
+                                               for a in argv]) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -496,49 +376,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = args.out
     if args.fresh:
         clean(out)
-    for sub in ("configs", "logs"):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 
-    teacher = train_step(TEACHER, 0, out, args.teacher_epochs, "")
+    teacher = plan_run(TEACHER, 0, out, args.teacher_epochs, "")
     methods = [m for m in METHODS if args.lrp or m not in OPTIONAL_METHODS]
-    students = [train_step(m, seed, out, args.epochs, teacher.checkpoint("best"))
+    students = [plan_run(m, seed, out, args.epochs, teacher.checkpoint("best"))
                 for seed in range(args.seeds) for m in methods]
     runs = [teacher] + students
-    for step in runs:
-        with open(step.config_path, "w") as f:
-            f.write(step.config_text)
-    states = {step.name: train_state(step) for step in runs}
-    for step in students:
-        if distiller_class(step.cfg.DISTILLER.TYPE).needs_teacher:
-            step.after = [teacher]
-            if states[TEACHER] != "done" and states[step.name] != "new":
-                states[step.name] = "stale"  # a new teacher: its students are retrained
-    for step in runs:
-        if states[step.name] == "stale":
-            shutil.rmtree(step.run_dir)
-        step.resume = states[step.name] == "partial"
+    states = train_states(teacher, students)
     evals = {step.name: step for step in eval_steps(out, teacher, students, args.num_images)}
-    write_commands(os.path.join(out, "commands.sh"), runs + list(evals.values()))
+    write_commands(os.path.join(out, "commands.sh"), runs, list(evals.values()))
 
-    to_train = [s for s in runs if states[s.name] != "done"]
+    to_train = [run for run in runs if states[run.name] != DONE]
     jobs = args.jobs or max(1, min(os.cpu_count() or 1, 4))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     print(f"quickstart: {len(runs)} training runs ({len(runs) - len(to_train)} already done), then the evaluation; "
-          f"{jobs} in parallel, {threads} thread(s) each; output in {out}", flush=True)
-    progress = Progress(sum(s.epochs for s in to_train))
-    runner = Runner(jobs, threads, progress)
+          f"{jobs} in parallel; output in {out}", flush=True)
     try:
-        runner.run(runs + list(evals.values()),
-                   skip=lambda s: states[s.name] == "done" if s.cfg is not None else eval_done(s))
+        train([teacher], states, 1)
+        train(students, states, jobs)
+        for step in evals.values():
+            if not eval_done(step):
+                run_eval(step)
     except StepError as error:
-        progress.close()
         print(f"quickstart.py: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        progress.close()
         print("quickstart.py: interrupted; run it again to continue where it stopped", file=sys.stderr)
         return 130
-    progress.close()
 
     results = collect(out, teacher, students, evals)
     results["wall_seconds_this_invocation"] = round(time.monotonic() - start, 1)

@@ -12,12 +12,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from . import cifar10, cifar100, digits, idx, imagenet, shapes, tiny_imagenet  # noqa: F401  (idx registers itself)
-from ._common import DatasetError, Instance, InstanceSample, batches, make_loader, split_train
+from ._common import ArrayImages, DatasetError, Instance, InstanceSample, batches, make_loader, split_train
 from .base import DatasetSpec, data_node, dataset_dict, module_dataset, register_dataset
 from .device_loader import DeviceLoader
 from .folder import folder_dataset  # noqa: F401  (registers "folder")
 
-__all__ = ["DatasetError", "DatasetSpec", "batches", "get_dataset", "get_val_loader", "normalization",
+__all__ = ["ArrayImages", "DatasetError", "DatasetSpec", "batches", "get_dataset", "get_val_loader", "normalization",
            "dataset_spec", "dataset_dict", "register_dataset", "num_classes", "DATASETS"]
 
 register_dataset("cifar100")(module_dataset(cifar100, cifar100.CIFAR100, download=True))

@@ -26,13 +26,21 @@ def save_checkpoint(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), "checkpoint")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], Any], what: str = "file") -> None:
     """`write(f)` into a temporary file in the same directory, fsync, then rename over `path`: a kill leaves either
-    the old file or the new one, never a truncated one."""
+    the old file or the new one, never a truncated one. The file gets the permissions of a plain `open` (mkstemp's
+    are private)."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp_path = None
     try:
         fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
