@@ -208,8 +208,9 @@ def test_teacher_checkpoint_of_the_wrong_model_is_a_clear_mismatch(tmp_path, cif
     assert "missing keys" in err
 
 
-def test_tensorboard_gets_each_loss_term_and_the_lr_every_freq_steps(tmp_path, cifar100_root, teacher_file,
-                                                                     monkeypatch):
+@pytest.fixture
+def tensorboard_scalars(monkeypatch) -> list:
+    """(tag, step, value) of every scalar the trainer sends to TensorBoard."""
     scalars = []
 
     class Recorder:
@@ -226,6 +227,12 @@ def test_tensorboard_gets_each_loss_term_and_the_lr_every_freq_steps(tmp_path, c
             pass
 
     monkeypatch.setattr(trainer_module, "SummaryWriter", Recorder)
+    return scalars
+
+
+def test_tensorboard_gets_each_loss_term_and_the_lr_every_freq_steps(tmp_path, cifar100_root, teacher_file,
+                                                                     tensorboard_scalars):
+    scalars = tensorboard_scalars
     cfg = write_cfg(tmp_path, cifar100_root, teacher_file, "KD", tmp_path / "tb")
     assert TRAIN.main(["--cfg", cfg, "LOG.TENSORBOARD_FREQ", "2"]) == 0
     per_step = [(tag, step) for tag, step, _ in scalars if tag.startswith("train_step/")]

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 from test_explain_trace import CONSERVING
+from test_explain_zoo import randomize_
 
 import mdistiller.models as models
 from mdistiller.explain import (
@@ -58,19 +59,11 @@ def open_model(name: str) -> nn.Module:
 
 
 def _randomize(model: nn.Module) -> nn.Module:
-    """Random BN statistics, norm parameters, layer scales and biases (timm initialises the last BN of each block
-    and ConvNeXt's layer scale near zero, which would hide whole blocks)."""
-    g = torch.Generator().manual_seed(0)
+    """`randomize_`, and random layer scales (timm initialises the last BN of each block and ConvNeXt's layer scale
+    near zero, which would hide whole blocks)."""
+    randomize_(model)
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-            elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
         for name, p in model.named_parameters():
             if name.endswith("gamma"):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_explain_zoo import _check_central_differences
+from test_explain_zoo import _check_central_differences, randomize_
 
 from mdistiller.explain import (
     build_graph,
@@ -160,25 +160,9 @@ class MobileNetV3Head(nn.Module):
         return self.fc(self.act(self.conv_head(pooled)).flatten(1)), {"gap_feat": gap, "feats": [gap]}
 
 
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics, affine and LayerNorm parameters and biases, so no fold or bias is trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-            elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
-
-
 def _model(cls, train: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    return _randomize(cls()).double().train(train)
+    return randomize_(cls()).double().train(train)
 
 
 def _image(size: int = 16) -> torch.Tensor:

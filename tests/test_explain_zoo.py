@@ -29,15 +29,17 @@ ZPLUS_FLAT = get_composite("epsilon_plus_flat", epsilon=TINY, stabilizer=TINY)
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN running statistics and affine parameters and random biases, so no fold or bias is trivial."""
+    """Random BN running statistics, BN and LayerNorm affine parameters and random biases, so no fold or bias is
+    trivial."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
             elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model

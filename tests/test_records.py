@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_train import _interrupt_at, load_tool, one_thread, read_worklog, teacher_file, write_cfg  # noqa: F401
+from test_engine_train import (  # noqa: F401
+    _interrupt_at,
+    load_tool,
+    one_thread,
+    read_worklog,
+    teacher_file,
+    tensorboard_scalars,
+    write_cfg,
+)
 
-from mdistiller.engine import trainer as trainer_module
 from mdistiller.engine.config import experiment_name, load_cfg, safe_component
 from mdistiller.engine.records import config_sha, read_metrics, read_results
 
@@ -130,24 +137,9 @@ def test_an_override_the_distiller_never_reads_is_reported(tmp_path, cifar100_ro
     assert "KD.TEMPERATURE is set" not in out
 
 
-def test_tensorboard_gets_each_loss_term_and_the_lr_per_epoch(tmp_path, cifar100_root, teacher_file,  # noqa: F811
-                                                              monkeypatch):
-    scalars = []
-
-    class Recorder:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def add_scalar(self, tag, value, step):
-            scalars.append((tag, step, value))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(trainer_module, "SummaryWriter", Recorder)
+def test_tensorboard_gets_each_loss_term_and_the_lr_per_epoch(tmp_path, cifar100_root,  # noqa: F811
+                                                              teacher_file, tensorboard_scalars):  # noqa: F811
+    scalars = tensorboard_scalars
     cfg = write_cfg(tmp_path, cifar100_root, teacher_file, "KD", tmp_path / "tb")
     assert TRAIN.main(["--cfg", cfg, "--run-dir", str(tmp_path / "run")]) == 0
     per_epoch = {(tag, step): value for tag, step, value in scalars if tag.startswith("train/")}

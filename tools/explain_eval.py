@@ -113,11 +113,12 @@ def _interval(u: Dict[str, object], digits: int) -> str:
 
 
 def _error_bars(results: List[Dict[str, object]], key: str) -> Optional[List[List[float]]]:
-    """matplotlib yerr (distances below and above) of the 95 % intervals of `key`, None for single images."""
+    """matplotlib yerr (distances below and above) of the 95 % intervals of `key`, None for single images. Zero-width
+    intervals (identical maps) can land a rounding error on the wrong side of the mean: clamped at 0."""
     if any(r["uncertainty"][key]["ci95"] is None for r in results):
         return None
-    return [[r[key] - r["uncertainty"][key]["ci95"][0] for r in results],
-            [r["uncertainty"][key]["ci95"][1] - r[key] for r in results]]
+    return [[max(0.0, r[key] - r["uncertainty"][key]["ci95"][0]) for r in results],
+            [max(0.0, r["uncertainty"][key]["ci95"][1] - r[key]) for r in results]]
 
 
 def _row(per_image: Dict[str, object], i: int) -> Dict[str, object]:
