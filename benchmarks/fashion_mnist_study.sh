@@ -1,7 +1,7 @@
 #!/bin/sh
 # The Fashion-MNIST study (benchmarks/results/fashion_mnist/README.md), phase by phase; every phase can be rerun and
 # continues where it stopped (tools/sweep.py skips finished runs and resumes interrupted ones).
-#   sh benchmarks/fashion_mnist_study.sh teacher|tune|baselines|expkd|explain|table
+#   sh benchmarks/fashion_mnist_study.sh teacher|tune|baselines|expkd|explain|figure|table
 set -e
 PY=${PYTHON:-.venv/bin/python}
 C=configs/fashion_mnist
@@ -28,10 +28,16 @@ baselines)  # vanilla, KD, DKD, CAT-KD: seeds 0-2, both pairs, evaluated on the 
 expkd)  # Exp-KD with the weights chosen by `tune`, the same seeds and pairs
     $PY tools/sweep.py --cfg $EXPKD --seeds 0 1 2 --jobs 2 --out $OUT/resnet8
     $PY tools/sweep.py --cfg $EXPKD --seeds 0 1 2 --jobs 2 --out $OUT/MobileNetV2 DISTILLER.STUDENT MobileNetV2 ;;
-explain)  # agreement with the teacher and perturbation AUC of every finished run (1,000 test images, CAM)
-    $PY tools/explain_eval.py runs $OUT -t resnet20 -tc $TEACHER --method cam --num-images 1000 ;;
+explain)  # agreement with the teacher and perturbation AUC of every finished run (the first 500 test images, CAM)
+    $PY tools/explain_eval.py runs $OUT -t resnet20 -tc $TEACHER --method cam --num-images 500 ;;
+figure)  # teacher | KD student | Exp-KD student CAMs (seed 0, resnet8) on the same test images
+    $PY tools/visualize.py heatmaps -m resnet20 -c $TEACHER -m resnet8 -c $OUT/resnet8/kd/base/seed0/student_latest \
+        -m resnet8 -c $OUT/resnet8/${FIGURE_EXPKD:-expkd_cam}/base/seed0/student_latest \
+        --labels "teacher resnet20" "KD resnet8" "Exp-KD (${FIGURE_EXPKD:-expkd_cam}) resnet8" -d fashion_mnist \
+        --data-root /usr/share/datasets/fashion-mnist --method cam --num-images 8 \
+        --out docs/images/fashion_mnist_heatmaps.png ;;
 table)
     $PY tools/summarize.py $OUT --group-by student EXPERIMENT.NAME --baseline EXPERIMENT.NAME=kd ;;
 *)
-    echo "usage: sh benchmarks/fashion_mnist_study.sh teacher|tune|baselines|expkd|explain|table" >&2; exit 2 ;;
+    echo "usage: sh benchmarks/fashion_mnist_study.sh teacher|tune|baselines|expkd|explain|figure|table" >&2; exit 2 ;;
 esac
