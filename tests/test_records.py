@@ -100,6 +100,33 @@ def test_config_sha_ignores_seed_names_and_paths_but_not_the_recipe(tmp_path, ci
         assert config_sha(load_cfg(cfg, [key, value])) != base, key
 
 
+IMPORTED_DISTILLER = """
+from mdistiller.distillers import register_distiller
+from mdistiller.distillers.KD import KD
+
+
+@register_distiller("SHAKD", defaults={"WEIGHT": 1.0})
+class ShaKD(KD):
+    pass
+"""
+
+
+def test_importing_a_distiller_changes_only_the_sha_of_experiments_that_train_it(tmp_path, cifar100_root,
+                                                                                  teacher_file):  # noqa: F811
+    """A sweep plans all its configs in one process: a user's distiller imported for one config must not change the
+    config_sha of another (its run, trained in a fresh process, would never match again; docs/records.md)."""
+    cfg = write_cfg(tmp_path, cifar100_root, teacher_file, "KD", tmp_path / "out")
+    base = config_sha(load_cfg(cfg))
+    plugin = tmp_path / "sha_kd.py"
+    plugin.write_text(IMPORTED_DISTILLER)
+    imports = ["EXPERIMENT.IMPORTS", f"['{plugin}']"]
+    mine = config_sha(load_cfg(cfg, imports + ["DISTILLER.TYPE", "SHAKD"]))
+    assert config_sha(load_cfg(cfg)) == base
+    assert config_sha(load_cfg(cfg, imports)) == base
+    assert mine != base
+    assert config_sha(load_cfg(cfg, imports + ["DISTILLER.TYPE", "SHAKD", "SHAKD.WEIGHT", "2.0"])) != mine
+
+
 def test_fifteen_overrides_with_paths_give_one_bounded_run_directory(tmp_path, cifar100_root, teacher_file):  # noqa: F811
     cfg = write_cfg(tmp_path, cifar100_root, teacher_file, "KD", tmp_path / "out", epochs=1)
     opts = ["DATASET.ROOT", str(cifar100_root), "DISTILLER.TEACHER_CKPT", teacher_file,

@@ -3,6 +3,7 @@ a killed sweep continues where it stopped, a failed run does not stop the others
 runs, and the submitit launcher runs the same command."""
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,5 +222,9 @@ def test_explain_records_follow_the_sweep_and_enter_the_summary(swept, teacher_f
     assert record["perturbation_auc"] == perturbation["auc"]
     again = explain_eval.run(argv)
     assert again["written"] == [] and len(again["skipped"]) == len(RUNS)
+    clone = tmp_path / "clone" / "run"  # committed records come without checkpoints
+    shutil.copytree(run, clone, ignore=shutil.ignore_patterns("student_*", "explain.json"))
+    assert explain_eval.run(["runs", str(clone.parent), *argv[2:]]) == {"written": [], "skipped": [],
+                                                                         "missing": [str(clone)]}
     header = summary_text([str(swept)]).splitlines()[0]
     assert "| agreement cosine | agreement IoU | perturbation AUC |" in header

@@ -100,7 +100,8 @@ RUNS_HELP = """For each finished training run below the folders (a results.json 
 of its student_latest with the teacher -t/-tc (both explain the teacher's predicted class) and its positive
 perturbation AUC (--ties random, seed 0), on the first --num-images images of the run's test split, written into
 the run directory as explain.json. tools/summarize.py adds them as columns. A run whose explain.json came from the
-same checkpoints and settings is skipped, so the command can follow a sweep as it grows. Reading the numbers: see
+same checkpoints and settings is skipped, so the command can follow a sweep as it grows; one without student_latest
+(records committed without their checkpoints) is skipped with a message. Reading the numbers: see
 `agreement --help` and `perturbation --help`."""
 
 
@@ -331,15 +332,19 @@ def run_runs(args: argparse.Namespace) -> Dict[str, object]:
     positive `perturbation` AUC, on the first --num-images test images. A run whose explain.json was made from the
     same files and settings is skipped; the teacher's maps are computed once per call."""
     teacher_sha = file_sha256(args.teacher_ckpt)
-    written, skipped = [], []
+    written, skipped, missing = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for run_dir in find_runs(args.folders):
             results = read_results(run_dir) or {}
             if results.get("finished") is not True:
                 print(f"{run_dir}: unfinished, skipped")
                 continue
-            trained = _run_student(run_dir)
             ckpt = os.path.join(run_dir, "student_latest")
+            if not os.path.isfile(ckpt):  # records without checkpoints: a clone of committed study records
+                print(f"{run_dir}: no student_latest, skipped")
+                missing.append(run_dir)
+                continue
+            trained = _run_student(run_dir)
             key = {"teacher": args.teacher, "teacher_ckpt_sha256": teacher_sha, "student": trained["student"],
                    "student_ckpt_sha256": file_sha256(ckpt), "dataset": trained["dataset"], "method": args.method,
                    "num_images": args.num_images, "top": args.top, "ties": "random", "seed": 0}
@@ -364,7 +369,7 @@ def run_runs(args: argparse.Namespace) -> Dict[str, object]:
             atomic_write(path, lambda f, text=text: f.write(text.encode()), EXPLAIN_FILE)
             print(f"wrote {path}")
             written.append(run_dir)
-    return {"written": written, "skipped": skipped}
+    return {"written": written, "skipped": skipped, "missing": missing}
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

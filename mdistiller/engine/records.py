@@ -15,6 +15,7 @@ import torch
 from yacs.config import CfgNode
 
 from .. import __version__
+from ..distillers import distiller_dict
 from .checkpoint import atomic_write
 
 RESULTS_FILE = "results.json"
@@ -41,10 +42,22 @@ def flatten(node: Mapping, prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
+def imported_nodes(cfg: CfgNode) -> List[str]:
+    """Config nodes of distillers registered from outside the package, except the node of the one trained: whether
+    a process happened to import a user's distiller (a sweep plans every config in one process) must not change the
+    identity of an experiment that does not use it."""
+    trained = distiller_dict.get(cfg.DISTILLER.TYPE)
+    return [f"{cls.config_node}." for cls in distiller_dict.values()
+            if getattr(cls, "config_node", None) and not cls.__module__.startswith("mdistiller.")
+            and cls is not trained and getattr(trained, "config_node", None) != cls.config_node]
+
+
 def config_sha(cfg: CfgNode) -> str:
-    """12 hex digits identifying the experiment: the merged config without UNHASHED_KEYS."""
+    """12 hex digits identifying the experiment: the merged config without UNHASHED_KEYS and without the nodes of
+    imported distillers it does not train."""
+    skipped = UNHASHED_KEYS + tuple(imported_nodes(cfg))
     kept = {key: value for key, value in flatten(cfg).items()
-            if not any(key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in UNHASHED_KEYS)}
+            if not any(key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in skipped)}
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
