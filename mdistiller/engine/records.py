@@ -46,10 +46,10 @@ def imported_nodes(cfg: CfgNode) -> List[str]:
     """Config nodes of distillers registered from outside the package, except the node of the one trained: whether
     a process happened to import a user's distiller (a sweep plans every config in one process) must not change the
     identity of an experiment that does not use it."""
-    trained = distiller_dict.get(cfg.DISTILLER.TYPE)
+    trained_node = getattr(distiller_dict.get(cfg.DISTILLER.TYPE), "config_node", None)
     return [f"{cls.config_node}." for cls in distiller_dict.values()
-            if getattr(cls, "config_node", None) and not cls.__module__.startswith("mdistiller.")
-            and cls is not trained and getattr(trained, "config_node", None) != cls.config_node]
+            if getattr(cls, "config_node", None) not in (None, trained_node)
+            and not cls.__module__.startswith("mdistiller.")]
 
 
 def config_sha(cfg: CfgNode) -> str:
